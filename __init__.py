@@ -1,11 +1,13 @@
 """ComfyUI entry point of the PEC node pack. Thin on purpose: the nodes live in comfy_pec.nodes.
 
-Relative import, so the pack works under whatever folder name ComfyUI-Manager gives it and never
-shadows another pack's modules through sys.path.
+ComfyUI imports this folder as a package, so the relative import works under whatever folder name
+ComfyUI-Manager gives the pack, without sys.path edits. pytest imports this file as a plain module
+when the checkout's folder name is not a valid package name; the installed package serves then.
 """
 
-from .comfy_pec.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-
-WEB_DIRECTORY = None
+if __package__:
+    from .comfy_pec.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+else:
+    from comfy_pec.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
