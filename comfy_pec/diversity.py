@@ -22,6 +22,7 @@ __all__ = [
     "perceptual_entropy",
     "pcvae_gain",
     "pcvae_penalty",
+    "pec_bonus",
     "select_diverse",
 ]
 
@@ -189,6 +190,27 @@ def pcvae_penalty(gain: torch.Tensor, calibration: torch.Tensor, one_sided: bool
     gap = gain.float() - calibration.float().to(gain.device)
     per_step = (-gap).clamp_min(0.0) if one_sided else gap.abs()
     return per_step.mean(-1)
+
+
+def pec_bonus(energy: torch.Tensor, group_size: int, step_norm: str = "zscore", eps: float = 1e-4) -> torch.Tensor:
+    """PEC reward bonus (paper eq. 17/19): ``agg_t(e_t)``, so that ``r̃ = r + β·pec_bonus``.
+
+    ``energy`` is ``[N, T]`` (N = groups × ``group_size`` samples, group-contiguous; T trained steps).
+    ``step_norm="zscore"`` standardises each step's energy within its group first —
+    ``(e - mean_group) / (std_group + eps)`` — so β means the same for every encoder and schedule;
+    ``"none"`` averages the raw energies (eq. 19 literally). → ``[N]``.
+    """
+    if energy.dim() != 2 or energy.shape[0] % group_size:
+        raise PECError(f"energy must be [N, T] with N a multiple of group_size {group_size}, got {tuple(energy.shape)}")
+    e = energy.float()
+    if step_norm == "zscore":
+        grouped = e.reshape(-1, group_size, e.shape[1])
+        mean = grouped.mean(dim=1, keepdim=True)
+        std = grouped.std(dim=1, unbiased=False, keepdim=True)
+        e = ((grouped - mean) / (std + eps)).reshape_as(e)
+    elif step_norm != "none":
+        raise PECError(f"step_norm must be 'zscore' or 'none', got {step_norm!r}")
+    return e.mean(dim=1)
 
 
 # --------------------------------------------------------------------------------------------------

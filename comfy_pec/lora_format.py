@@ -59,6 +59,8 @@ ARCHITECTURES = {
     "sd3.5-medium": ("stable-diffusion-v3.5-medium/lora", "sd3.5-medium"),
     "sd3.5-large": ("stable-diffusion-v3.5-large/lora", "sd3.5-large"),
     "flux": ("flux-1-dev/lora", "flux1"),
+    # The embedded tiny SD3-architecture model that ships with PEC (keys look like "sd3").
+    "sd3-toy": ("pec-embedded-sd3-toy/lora", "sd3-toy"),
 }
 _FLUX_SCHNELL_SPEC = "flux-1-schnell/lora"
 _SPEC_TO_ARCH = {spec: arch for arch, (spec, _) in ARCHITECTURES.items()} | {_FLUX_SCHNELL_SPEC: "flux"}

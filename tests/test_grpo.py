@@ -1,0 +1,70 @@
+"""GRPO math (DESIGN §4) and the PEC bonus (DESIGN §5) against hand-written formulas."""
+
+import math
+
+import pytest
+import torch
+
+from comfy_pec import PECError
+from comfy_pec.diversity import pec_bonus
+from trainer.grpo import clipped_surrogate, group_advantages
+
+
+def test_group_advantages_formula():
+    r = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0, 10.0, 10.0, 11.0])
+    adv = group_advantages(r, 4)
+    g = r.reshape(2, 4).double()
+    ref = (g - g.mean(1, keepdim=True)) / (g.std(1, unbiased=False, keepdim=True) + 1e-4)
+    torch.testing.assert_close(adv.values, ref.reshape(-1).float())
+    assert adv.trained.all() and not adv.dropped.any() and not adv.degenerate.any()
+
+
+def test_group_advantages_global_std_and_clip():
+    r = torch.tensor([0.0, 0.0, 0.0, 100.0, 1.0, 2.0])
+    adv = group_advantages(r, 3, std_mode="global", clip=1.5)
+    std = r.double().std(unbiased=False)
+    ref = (r.reshape(2, 3).double() - r.reshape(2, 3).double().mean(1, keepdim=True)) / (std + 1e-4)
+    torch.testing.assert_close(adv.values, ref.clamp(-1.5, 1.5).reshape(-1).float())
+    assert group_advantages(torch.tensor([0.0, 100.0]), 2, clip=5.0).values.abs().max() <= 5.0
+
+
+def test_nan_group_dropped_and_equal_group_skipped():
+    r = torch.tensor([1.0, float("nan"), 2.0, 5.0, 5.0, 5.0, 1.0, 2.0, 4.0])
+    adv = group_advantages(r, 3)
+    assert adv.dropped.tolist() == [True, False, False]
+    assert adv.degenerate.tolist() == [False, True, False]
+    assert adv.trained.tolist() == [False] * 6 + [True] * 3
+    assert torch.isfinite(adv.values).all() and (adv.values[:6] == 0).all()
+    with pytest.raises(PECError):
+        group_advantages(torch.ones(5), 2)
+
+
+def test_clipped_surrogate_matches_ppo():
+    old = torch.zeros(6)
+    new = torch.tensor([0.0, 0.5, -0.5, 0.001, -0.001, 2.0])
+    a = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0, -2.0])
+    loss, stats = clipped_surrogate(new, old, a, 0.2, 0.3)
+    ratio = new.exp()
+    ref = torch.maximum(-a * ratio, -a * ratio.clamp(0.8, 1.3)).mean()
+    torch.testing.assert_close(loss, ref)
+    assert float(stats["clip_frac"]) == pytest.approx(3 / 6)  # e^0.5 > 1.3, e^-0.5 < 0.8, e^2 > 1.3
+    # Gradient flows only through the unclipped side: a positive advantage past 1+ε_high gives none.
+    x = torch.tensor([0.5], requires_grad=True)
+    clipped_surrogate(x, torch.zeros(1), torch.ones(1), 0.2, 0.2)[0].backward()
+    assert x.grad.item() == 0.0
+
+
+def test_pec_bonus_zscore_and_raw():
+    e = torch.tensor([[1.0, 10.0], [3.0, 30.0], [5.0, 0.0], [7.0, 0.0]])
+    raw = pec_bonus(e, group_size=2, step_norm="none")
+    torch.testing.assert_close(raw, e.mean(1))
+    z = pec_bonus(e, group_size=2)
+    # Within each group of 2, each step's z-scores are ±1 (population std), so each sample's mean is ±1 or 0.
+    g = e.reshape(2, 2, 2)
+    zs = (g - g.mean(1, keepdim=True)) / (g.std(1, unbiased=False, keepdim=True) + 1e-4)
+    torch.testing.assert_close(z, zs.reshape(4, 2).mean(1))
+    # Scale invariance: multiplying an encoder's energies by 100 leaves the z-scored bonus unchanged.
+    torch.testing.assert_close(pec_bonus(e * 100, 2), z, rtol=1e-4, atol=1e-4)
+    with pytest.raises(PECError):
+        pec_bonus(e, group_size=3)
+    assert math.isfinite(float(pec_bonus(torch.ones(4, 3), 2).sum()))

@@ -1,0 +1,47 @@
+"""Model families behind one interface (:class:`~trainer.backends.base.Backend`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+from comfy_pec import PECError
+
+from .base import Backend, PromptEmbeds
+
+#: the tiny SD3-architecture model that ships with the project (the embedded default).
+EMBEDDED_MODEL = str(Path(__file__).resolve().parent.parent / "toy" / "pretrained")
+
+# diffusers pipeline class (model_index.json "_class_name") -> family
+_PIPELINE_FAMILIES = {"StableDiffusion3Pipeline": "sd3"}
+
+
+def detect_family(path_or_id: str) -> str:
+    """The family of a local diffusers pipeline directory, from its model_index.json."""
+    index = os.path.join(path_or_id, "model_index.json")
+    if not os.path.isfile(index):
+        raise PECError(
+            f"{path_or_id}: no model_index.json here; pass the model family explicitly for hub ids "
+            "(--family) or point at a diffusers pipeline directory"
+        )
+    with open(index, encoding="utf-8") as handle:
+        name = json.load(handle).get("_class_name")
+    if name not in _PIPELINE_FAMILIES:
+        raise PECError(f"{index}: pipeline {name!r} is not supported (supported: {sorted(_PIPELINE_FAMILIES)})")
+    return _PIPELINE_FAMILIES[name]
+
+
+def load_backend(path_or_id: Optional[str] = None, family: Optional[str] = None, **kwargs) -> Backend:
+    """Load a model as a backend; ``None`` loads the embedded tiny model. ``kwargs`` go to ``from_pretrained``."""
+    path_or_id = path_or_id or EMBEDDED_MODEL
+    family = family or detect_family(path_or_id)
+    if family == "sd3":
+        from .sd3 import SD3Backend
+
+        return SD3Backend.from_pretrained(path_or_id, **kwargs)
+    raise PECError(f"unknown model family {family!r}; supported: sd3")
+
+
+__all__ = ["Backend", "PromptEmbeds", "EMBEDDED_MODEL", "detect_family", "load_backend"]

@@ -1,0 +1,302 @@
+"""Training configuration: one typed schema, YAML files, presets, dotted command-line overrides.
+
+A run's configuration is built in layers — a preset (``demo``, ``sd35m-pickscore``, ...), then a
+YAML file, then ``--set section.key=value`` overrides — and validated once by pydantic. Unknown keys
+are errors that name the key and the nearest valid one; rules that tie fields together (group size,
+batch size, SDE window) fail with the rule spelled out, and nothing is silently adjusted. The
+resolved configuration is written to the run directory as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from comfy_pec import PECError
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+
+class ConfigError(PECError):
+    """A configuration that cannot run; the message names the file and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Which model to fine-tune."""
+
+    path: Optional[str] = Field(None, description="diffusers pipeline dir or hub id; null = the embedded tiny model")
+    family: Optional[str] = Field(None, description="model family (sd3, flux); detected from model_index.json")
+    revision: Optional[str] = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    use_t5: bool = False
+    device: str = Field("auto", description="'auto' = cuda when available, else cpu")
+
+
+class WindowConfig(_Section):
+    """Which sampling steps are stochastic and trained (DESIGN §3 windows)."""
+
+    rule: Literal["all", "window", "sliding"] = "all"
+    size: int = Field(2, ge=1, description="number of SDE steps (window / sliding)")
+    start_min: int = Field(0, ge=0, description="window: earliest start step")
+    start_max: int = Field(0, ge=0, description="window: latest start step (drawn per iteration)")
+    shift_every: int = Field(25, ge=1, description="sliding: iterations between moves")
+    stride: int = Field(1, ge=1, description="sliding: steps moved each time")
+
+
+class SamplingConfig(_Section):
+    """Rollout sampling; null values take the model's defaults (its pec.json)."""
+
+    resolution: Optional[int] = Field(None, gt=0)
+    num_steps: Optional[int] = Field(None, ge=2)
+    guidance_scale: Optional[float] = Field(None, ge=0)
+    sde: Literal["flow_sde", "cps"] = "flow_sde"
+    noise_level: Optional[float] = Field(None, gt=0, le=1.5)
+    window: WindowConfig = WindowConfig()
+
+
+class LoraConfig(_Section):
+    """The trained adapter (DESIGN §4 defaults for SD3: r=32, α=64 on attention)."""
+
+    rank: int = Field(32, ge=1)
+    alpha: float = Field(64.0, gt=0)
+    targets: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
+        description="module-name suffixes that get a LoRA",
+    )
+    init_scale: float = Field(0.0, ge=0, description="std of a random lora_B init (0 = PEFT's zero init)")
+
+
+class EmaConfig(_Section):
+    enabled: bool = False
+    decay: float = Field(0.9, gt=0, lt=1)
+
+
+class TrainConfig(_Section):
+    """The GRPO loop (DESIGN §4)."""
+
+    iterations: int = Field(100, ge=1)
+    prompts_per_iteration: int = Field(4, ge=1, description="groups per iteration")
+    group_size: int = Field(8, ge=2, description="samples per prompt (G)")
+    batch_size: int = Field(8, ge=1, description="samples per rollout / gradient micro-batch")
+    inner_epochs: int = Field(1, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, gt=0)
+    clip_range: float = Field(1e-4, gt=0, description="ε_low of the PPO clip")
+    clip_range_high: Optional[float] = Field(None, gt=0, description="ε_high (Clip-Higher); null = ε_low")
+    adv_clip: float = Field(5.0, gt=0)
+    adv_std: Literal["group", "global"] = "group"
+    kl_beta: float = Field(0.0, ge=0)
+    kl_flow_grpo_compat: bool = Field(False, description="divide the KL by s² like Flow-GRPO (a factor Δ off)")
+    log_prob_reduction: Literal["mean", "sum"] = "mean"
+    ema: EmaConfig = EmaConfig()
+    seed: int = 0
+    nan_patience: int = Field(3, ge=1, description="stop after this many iterations in a row with NaN rewards")
+
+
+class RewardTerm(_Section):
+    name: str
+    weight: float = 1.0
+
+
+class PecConfig(_Section):
+    """Perceptual-entropy reward shaping (DESIGN §5)."""
+
+    method: Literal["none", "pec", "pcvae"] = "none"
+    beta: float = Field(0.5, ge=0)
+    encoder: str = "toy"
+    normalize_features: bool = True
+    decode: Literal["noisy", "x0"] = "noisy"
+    step_norm: Literal["zscore", "none"] = "zscore"
+    one_sided: bool = Field(False, description="PCVAE: penalise only gains below the calibration")
+    chunk_size: int = Field(32, ge=1, description="images per decode/encode chunk")
+
+
+class PromptsConfig(_Section):
+    train: Union[str, list[str]] = Field("toy-train", description="a preset name, a text file, or a list")
+    eval: Union[str, list[str]] = Field("toy-heldout", description="prompts for before/after grids")
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(10, ge=1, description="iterations between checkpoints")
+    keep: int = Field(2, ge=1, description="checkpoints kept on disk")
+
+
+class ReportConfig(_Section):
+    grid_seeds: list[int] = Field(default_factory=lambda: list(range(8)))
+    grid_prompts: int = Field(4, ge=1, description="eval prompts shown in the before/after grids")
+    diversity_every: int = Field(1, ge=1)
+
+
+class RunConfig(_Section):
+    dir: str = "runs/default"
+    tensorboard: Literal["auto", "on", "off"] = "auto"
+    progress: bool = True
+
+
+class Config(_Section):
+    model: ModelConfig = ModelConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig = TrainConfig()
+    rewards: list[RewardTerm] = Field(default_factory=lambda: [RewardTerm(name="toy_preference")])
+    pec: PecConfig = PecConfig()
+    prompts: PromptsConfig = PromptsConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    report: ReportConfig = ReportConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> "Config":
+        t = self.train
+        total = t.prompts_per_iteration * t.group_size
+        if total % t.batch_size:
+            raise ValueError(
+                f"train.batch_size ({t.batch_size}) must divide train.prompts_per_iteration × train.group_size "
+                f"({t.prompts_per_iteration} × {t.group_size} = {total}) so every sample is in exactly one batch"
+            )
+        w = self.sampling.window
+        if w.start_max < w.start_min:
+            raise ValueError(f"sampling.window.start_max ({w.start_max}) must be >= start_min ({w.start_min})")
+        if not self.rewards:
+            raise ValueError("rewards must name at least one reward")
+        return self
+
+    def fingerprint(self) -> str:
+        """Short hash of everything except where the run lives (``pec.config_hash`` in LoRA files)."""
+        data = self.model_dump(mode="json")
+        data.pop("run")
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading: presets, YAML files, overrides, readable errors
+# --------------------------------------------------------------------------------------------------
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path, what: str) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read {what} ({err.strerror or err})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: malformed YAML ({problem})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: {what} must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """``"pec.beta=0.5"`` → ``{"pec": {"beta": 0.5}}``; the value is parsed as YAML (numbers, lists...)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Valid keys at the location of an error (walking nested sections)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part) if isinstance(current, type) and issubclass(current, BaseModel) else None
+        if field is None:
+            return []
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        current = next((a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if current is None:
+            return []
+    return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else []
+
+
+def _has_key(data: Any, loc: tuple) -> bool:
+    for part in loc:
+        if isinstance(part, int):
+            if not isinstance(data, list) or part >= len(data):
+                return False
+        elif not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def _explain(err: ValidationError, layers: list[tuple[str, dict]]) -> str:
+    """One line: where the offending key came from (the last layer that sets it), the key, the fix."""
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    source = next((name for name, data in reversed(layers) if _has_key(data, loc)), None)
+    source = source or " + ".join(name for name, _ in layers) or "config"
+    dotted = ".".join(str(p) for p in loc) or "<root>"
+    if first["type"] == "extra_forbidden":
+        valid = _field_names(Config, loc)
+        near = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), near[0]])}?" if near else ""
+        return f"{source}: unknown key {dotted}{hint} (valid here: {', '.join(valid)})"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{source}: {dotted}: {message}" if loc else f"{source}: {message}"
+
+
+def load_config(
+    preset: Optional[str] = None, file: Optional[str] = None, overrides: Optional[list[str]] = None
+) -> Config:
+    """Build and validate a :class:`Config` from a preset, a YAML file and ``key=value`` overrides."""
+    layers: list[tuple[str, dict]] = []
+    if preset is not None:
+        path = PRESET_DIR / f"{preset}.yaml"
+        if not path.is_file():
+            near = difflib.get_close_matches(preset, preset_names(), n=1)
+            hint = f"; did you mean {near[0]}?" if near else ""
+            raise ConfigError(f"unknown preset {preset!r}{hint} (presets: {', '.join(preset_names())})")
+        layers.append((str(path), _read_yaml(path, "preset")))
+    if file is not None:
+        layers.append((str(file), _read_yaml(Path(file), "config file")))
+    for text in overrides or []:
+        layers.append((f"--set {text}", parse_override(text)))
+    data: dict = {}
+    for _, layer in layers:
+        data = _merge(data, layer)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_explain(err, layers)) from None
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
