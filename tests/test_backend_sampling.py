@@ -20,7 +20,7 @@ PROMPTS = ["a red circle", "a blue square on the left", "a green star and a cyan
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_sd3")
-    save_pipeline(build_pipeline(seed=3), path, defaults={"num_steps": 4, "guidance_scale": 2.5})
+    save_pipeline(build_pipeline(seed=3), path, defaults={"num_steps": 4, "eval_num_steps": 4, "guidance_scale": 2.5})
     return str(path)
 
 

@@ -116,6 +116,7 @@ class PecConfig(_Section):
     method: Literal["none", "pec", "pcvae"] = "none"
     beta: float = Field(0.5, ge=0)
     encoder: str = "toy"
+    encoder_path: Optional[str] = Field(None, description="weights for the encoder; null = its shipped/hub weights")
     normalize_features: bool = True
     decode: Literal["noisy", "x0"] = "noisy"
     step_norm: Literal["zscore", "none"] = "zscore"

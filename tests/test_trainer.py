@@ -1,0 +1,149 @@
+"""`pec train` end to end on a tiny randomly initialised SD3 pipeline: logs, checkpoints, exact resume,
+NaN rewards, LoRA export and report."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from comfy_pec.encoders import ToyEncoder
+from comfy_pec.lora_format import inspect_lora, load_lora
+from trainer import rewards as reward_registry
+from trainer.config import load_config
+from trainer.runlog import read_log
+from trainer.toy.model import build_pipeline, save_pipeline
+from trainer.train import TrainingError, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_model")
+    save_pipeline(build_pipeline(seed=7), path, defaults={"num_steps": 4, "eval_num_steps": 4})
+    torch.manual_seed(0)
+    ToyEncoder().save_pretrained(path / "encoder" / "toy_encoder.safetensors")  # random weights: tests the code path
+    return str(path)
+
+
+def tiny_overrides(model_dir, run_dir, **extra):
+    values = {
+        "model.path": model_dir, "run.dir": str(run_dir), "run.progress": False, "run.tensorboard": "off",
+        "pec.encoder_path": str(Path(model_dir) / "encoder" / "toy_encoder.safetensors"),
+        "train.iterations": 3, "train.prompts_per_iteration": 2, "train.group_size": 4, "train.batch_size": 4,
+        "sampling.window.size": 2, "sampling.window.start_max": 1, "checkpoint.every": 1,
+        "report.grid_prompts": 1, "report.grid_seeds": [0, 1], **extra,
+    }  # fmt: skip
+    return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in values.items()]
+
+
+def lora_tensors(run_dir):
+    return load_lora(Path(run_dir) / "lora.safetensors")[0]
+
+
+def test_pec_run_writes_everything_and_policy_entropy_is_constant(model_dir, tmp_path):
+    run = tmp_path / "run"
+    cfg = load_config("demo", None, tiny_overrides(model_dir, run, **{"sampling.window.rule": "all", "train.kl_beta": 0.05}))
+    train(cfg)
+    for name in ("config.yaml", "log.jsonl", "lora.safetensors", "report.md", "curves.png", "grid_before.png", "grid_after.png"):
+        assert (run / name).is_file(), name
+    rows = read_log(run)
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    for key in ("reward_mean", "reward_std", "policy_entropy", "perceptual_entropy", "vendi", "kl", "clip_frac",
+                "ratio_mean", "time_rollout", "time_update", "groups_zero_std"):  # fmt: skip
+        assert key in rows[-1], key
+    # Paper Property 1: the closed-form policy entropy does not depend on the network.
+    assert len({r["policy_entropy"] for r in rows}) == 1
+    assert abs(rows[0]["ratio_mean"] - 1) < 1e-3  # rollout and update see the same policy
+    info = inspect_lora(run / "lora.safetensors")
+    assert info.provenance["method"] == "pec" and info.provenance["global_step"] == 3 and info.scale_baked
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter_000001", "iter_000002"]  # keep=2
+    assert "with the LoRA" in (run / "report.md").read_text()
+
+
+def _cli_train(config_file):
+    """`pec train --config FILE` in a fresh interpreter, so every run of the comparison starts alike."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "trainer.cli", "train", "--config", str(config_file)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _config_file(model_dir, run_dir, tmp_path):
+    cfg = load_config("demo", None, tiny_overrides(model_dir, run_dir, **{"train.iterations": 4, "pec.method": "pcvae"}))
+    path = tmp_path / f"{Path(run_dir).name}.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return path
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_a_bitwise_identical_lora(model_dir, tmp_path):
+    whole = _cli_train(_config_file(model_dir, tmp_path / "whole", tmp_path))
+    assert whole.wait() == 0, whole.stderr.read()
+    reference = lora_tensors(tmp_path / "whole")
+
+    killed = tmp_path / "killed"
+    config_file = _config_file(model_dir, killed, tmp_path)
+    proc = _cli_train(config_file)
+    marker = killed / "checkpoints" / "iter_000001" / "COMPLETE"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "the training subprocess never wrote its second checkpoint"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "lora.safetensors").exists()
+
+    resumed_proc = _cli_train(config_file)  # the same command resumes from the newest complete checkpoint
+    assert resumed_proc.wait() == 0, resumed_proc.stderr.read()
+    resumed = lora_tensors(killed)
+    assert resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    assert [r["iteration"] for r in read_log(killed)] == [0, 1, 2, 3]
+
+
+def _nan_reward(nan_calls):
+    calls = {"n": 0}
+
+    def factory():
+        def reward(images, prompts):
+            calls["n"] += 1
+            r = images.mean(dim=(1, 2, 3))
+            if calls["n"] in nan_calls:
+                r[0] = float("nan")  # the first group of this iteration
+            return r
+
+        return reward
+
+    return factory
+
+
+def test_nan_reward_drops_the_group_and_goes_on(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(reward_registry.REWARDS, "flaky", _nan_reward({2}))
+    run = tmp_path / "nan_once"
+    train(load_config("demo", None, tiny_overrides(model_dir, run, rewards=[{"name": "flaky"}])))
+    rows = read_log(run)
+    assert [r["groups_dropped_nan"] for r in rows] == [0, 1, 0]
+    assert all(r["reward_mean"] is not None for r in rows)
+
+
+def test_nan_three_iterations_running_stops_after_saving(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(reward_registry.REWARDS, "broken", _nan_reward(set(range(1, 100))))
+    run = tmp_path / "nan_always"
+    cfg = load_config("demo", None, tiny_overrides(model_dir, run, rewards=[{"name": "broken"}], **{"train.iterations": 6, "checkpoint.every": 5}))
+    with pytest.raises(TrainingError, match="NaN in 3 iterations in a row"):
+        train(cfg)
+    assert (run / "checkpoints" / "iter_000002" / "COMPLETE").is_file()
+    assert len(read_log(run)) == 3
+
+
+def test_resume_refuses_a_different_config(model_dir, tmp_path):
+    run = tmp_path / "run"
+    train(load_config("demo", None, tiny_overrides(model_dir, run, **{"train.iterations": 1})))
+    with pytest.raises(Exception, match="another configuration"):
+        train(load_config("demo", None, tiny_overrides(model_dir, run, **{"train.iterations": 1, "pec.beta": 0.9})))

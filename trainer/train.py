@@ -1,0 +1,456 @@
+"""GRPO fine-tuning with perceptual-entropy shaping — the training loop, top to bottom.
+
+One iteration (DESIGN §3-§5):
+  1. rollout   — P prompts × G samples with the current policy (LoRA on), SDE on the window's steps,
+                 storing x, x', μ_old, log p_old per trained step;
+  2. reward    — decode the final latents, score them (weighted reward terms);
+  3. perceive  — decode x' and μ_old, embed them: residual energy e, perceptual entropy h_A, e_VAE;
+  4. shape     — PEC adds β·agg_t(e_t); PCVAE subtracts β·mean_t|ℓ_t - c_t|; group advantages;
+  5. update    — recompute log p_θ of every stored step, clipped surrogate (+ β_KL·KL to LoRA-off);
+  6. log, checkpoint (atomic), and at the end export the LoRA and write the report.
+
+Every random draw of iteration k comes from generators seeded by (train.seed, k), so a run resumed
+from a checkpoint replays exactly what an uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from comfy_pec import PECError, __version__
+from comfy_pec.diversity import pcvae_gain, pcvae_penalty, pec_bonus, vendi_score
+from comfy_pec.lora_format import save_lora
+from comfy_pec.sde import gaussian_kl, gaussian_log_prob, sample_window_start, step_entropy, stochastic_steps
+
+from .backends import EMBEDDED_MODEL, Backend, PromptEmbeds, load_backend
+from .checkpoint import latest_checkpoint, load_state, save_checkpoint
+from .config import Config, save_config
+from .grpo import Advantages, clipped_surrogate, group_advantages
+from .perceptual import PerceptualStats, embed_latents, measure_steps
+from .prompts import resolve_prompts
+from .rewards import WeightedReward, build_reward
+from .runlog import RunLog
+from .sampling import SDE_STEPS, StepRecord, denoise, seeded_noise
+
+
+class TrainingError(PECError):
+    """The run cannot go on (e.g. rewards NaN too many iterations in a row); a checkpoint was saved."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Set-up
+# --------------------------------------------------------------------------------------------------
+
+
+def _device(name: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def add_lora(backend: Backend, config: Config) -> list[torch.nn.Parameter]:
+    """Attach the trainable LoRA (PEFT) to the backend's transformer; returns its parameters."""
+    from peft import LoraConfig
+
+    lora = config.lora
+    backend.transformer.add_adapter(
+        LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.targets), init_lora_weights=True)
+    )
+    params = [p for n, p in backend.transformer.named_parameters() if "lora_" in n]
+    if not params:
+        raise PECError(f"lora.targets {lora.targets} match no module of this model")
+    if lora.init_scale > 0:
+        gen = torch.Generator().manual_seed(config.train.seed)
+        for name, p in backend.transformer.named_parameters():
+            if "lora_B" in name:
+                p.data.copy_(torch.randn(p.shape, generator=gen) * lora.init_scale)
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+@contextlib.contextmanager
+def lora_disabled(backend: Backend):
+    """The reference policy: the same model with the LoRA switched off."""
+    backend.transformer.disable_adapters()
+    try:
+        yield
+    finally:
+        backend.transformer.enable_adapters()
+
+
+def lora_state(backend: Backend) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(backend.transformer).items()}
+
+
+def set_lora_state(backend: Backend, state: dict[str, torch.Tensor]) -> None:
+    from peft.utils import set_peft_model_state_dict
+
+    set_peft_model_state_dict(backend.transformer, state)
+
+
+# --------------------------------------------------------------------------------------------------
+# One iteration's pieces
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """Everything one iteration sampled; N = P·G samples (group-contiguous), T trained steps."""
+
+    prompts: list[str]  # [N]
+    cond: PromptEmbeds  # [N, ...]
+    latents: torch.Tensor  # x before each trained step [N, T, ...]
+    next_latents: torch.Tensor  # x' [N, T, ...]
+    means: torch.Tensor  # μ_old [N, T, ...]
+    next_x0: torch.Tensor  # x̂0(x') [N, T, ...]
+    log_probs: torch.Tensor  # log p_old [N, T]
+    stds: torch.Tensor  # std_step [T]
+    steps: list[int]  # indices of the trained steps [T]
+    images: torch.Tensor  # final images [N, 3, H, W] in [0, 1], CPU
+
+
+def _stack(records: list[list[StepRecord]], field: str) -> torch.Tensor:
+    """Per-batch lists of T records → ``[N, T, ...]``."""
+    return torch.cat([torch.stack([getattr(r, field) for r in batch], dim=1) for batch in records])
+
+
+@torch.no_grad()
+def rollout(
+    backend: Backend,
+    prompts: list[str],
+    config: Config,
+    sigmas: torch.Tensor,
+    stochastic: torch.Tensor,
+    seeds: torch.Tensor,
+    guidance: float,
+    noise_level: float,
+    resolution: int,
+) -> Rollout:
+    """Sample ``prompts`` (one entry per sample) in micro-batches, recording the trained steps."""
+    batch = config.train.batch_size
+    shape = backend.latent_shape(resolution, resolution)
+    records, conds, images = [], [], []
+    for start in range(0, len(prompts), batch):
+        part = prompts[start : start + batch]
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds[start : start + batch]]
+        cond = backend.encode_prompts(part)
+        final, recs = denoise(
+            backend, seeded_noise((len(part), *shape), gens, backend.device), cond, sigmas,
+            guidance_scale=guidance, sde=config.sampling.sde, noise_level=noise_level, stochastic=stochastic,
+            generators=gens, log_prob_reduction=config.train.log_prob_reduction, record=True,
+        )  # fmt: skip
+        records.append(recs)
+        conds.append(cond)
+        images.append(backend.decode(final).cpu())
+    first = records[0]
+    return Rollout(
+        prompts=list(prompts),
+        cond=PromptEmbeds.cat(conds),
+        latents=_stack(records, "latents"),
+        next_latents=_stack(records, "next_latents"),
+        means=_stack(records, "mean"),
+        next_x0=_stack(records, "next_x0"),
+        log_probs=_stack(records, "log_prob"),
+        stds=torch.stack([r.std.reshape(()) for r in first]).cpu(),
+        steps=[r.index for r in first],
+        images=torch.cat(images),
+    )
+
+
+@torch.no_grad()
+def perceive(backend: Backend, encoder, ro: Rollout, config: Config, sigmas: torch.Tensor, guidance: float) -> PerceptualStats:
+    """DESIGN §5 on the rollout buffer; ``pec.decode: x0`` decodes clean predictions instead of x', μ_old."""
+    targets = None
+    if config.pec.decode == "x0":
+        # x̂0(x') came free with the rollout; x̂0(μ_old) needs one forward per step at σ'.
+        mean_x0 = torch.empty_like(ro.means)
+        for j, i in enumerate(ro.steps):
+            sigma_next = float(sigmas[i + 1])
+            for s in range(0, len(ro.prompts), config.train.batch_size):
+                sl = slice(s, s + config.train.batch_size)
+                mu = ro.means[sl, j]
+                v = backend.velocity(mu, sigma_next, ro.cond.select(sl), guidance)
+                mean_x0[sl, j] = mu - sigma_next * v
+        targets = (ro.next_x0, mean_x0)
+    return measure_steps(
+        backend.decode, encoder, ro.next_latents, ro.means, ro.stds, config.pec.chunk_size, targets=targets
+    )
+
+
+def shaped_rewards(
+    rewards: torch.Tensor,
+    stats: PerceptualStats,
+    config: Config,
+    calibration: Optional[torch.Tensor],
+    steps: list[int],
+) -> torch.Tensor:
+    """Task reward plus the PEC bonus or minus the PCVAE penalty (DESIGN §5); ``[N]``.
+
+    ``calibration`` holds PCVAE's anchor for every step index; ``steps`` are this rollout's trained steps.
+    """
+    pec = config.pec
+    if pec.method == "pec":
+        return rewards + pec.beta * pec_bonus(stats.energy, config.train.group_size, pec.step_norm)
+    if pec.method == "pcvae":
+        gain = pcvae_gain(stats.energy, stats.latent_energy, stats.feat_dim, stats.latent_dim)
+        return rewards - pec.beta * pcvae_penalty(gain, calibration[steps], one_sided=pec.one_sided)
+    return rewards
+
+
+def update(
+    backend: Backend,
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    ro: Rollout,
+    adv: Advantages,
+    config: Config,
+    sigmas: torch.Tensor,
+    guidance: float,
+    noise_level: float,
+) -> dict[str, float]:
+    """Policy-gradient update on the stored steps; one optimizer step per micro-batch."""
+    t = config.train
+    step_fn = SDE_STEPS[config.sampling.sde]
+    sigma_1 = float(sigmas[1])
+    clip_high = t.clip_range_high or t.clip_range
+    trained = adv.trained
+    step_stats: dict[str, list[float]] = {}
+    grad_norms: list[float] = []
+    for _ in range(t.inner_epochs):
+        for start in range(0, len(ro.prompts), t.batch_size):
+            sl = slice(start, start + t.batch_size)
+            mask = trained[sl].to(backend.device)
+            if not bool(mask.any()):
+                continue
+            cond = ro.cond.select(sl)
+            uncond = backend.empty_embeds(mask.shape[0])
+            a = adv.values[sl].to(backend.device)[mask]
+            for j, i in enumerate(ro.steps):
+                sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+                x = ro.latents[sl, j]
+                v = backend.velocity(x, sigma, cond, guidance, uncond)
+                res = step_fn(x, v, sigma, sigma_next, noise_level, noise=torch.zeros_like(x), sigma_1=sigma_1)
+                log_prob = gaussian_log_prob(ro.next_latents[sl, j], res.mean, res.std, t.log_prob_reduction)
+                loss, stats = clipped_surrogate(log_prob[mask], ro.log_probs[sl, j][mask], a, t.clip_range, clip_high)
+                stats["policy_loss"] = loss.detach()
+                if t.kl_beta > 0:
+                    with torch.no_grad(), lora_disabled(backend):
+                        v_ref = backend.velocity(x, sigma, cond, guidance, uncond)
+                        mean_ref = step_fn(x, v_ref, sigma, sigma_next, noise_level, noise=torch.zeros_like(x), sigma_1=sigma_1).mean
+                    kl = gaussian_kl(res.mean, mean_ref, res.scale if t.kl_flow_grpo_compat else res.std)[mask].mean()
+                    loss = loss + t.kl_beta * kl
+                    stats["kl"] = kl.detach()
+                (loss / len(ro.steps)).backward()
+                for key, value in stats.items():
+                    step_stats.setdefault(key, []).append(float(value))
+            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, t.grad_clip)))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    out = {key: sum(values) / len(values) for key, values in step_stats.items()}
+    if grad_norms:
+        out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+    return out
+
+
+def group_vendi(encoder, images: torch.Tensor, group_size: int, chunk: int) -> float:
+    """Mean per-group Vendi score of the final images in the perceptual space."""
+    feats = embed_latents(lambda x: x, encoder, images, chunk)
+    return float(vendi_score(feats.reshape(-1, group_size, feats.shape[-1])).mean())
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+
+
+def _iteration_rng(seed: int, iteration: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + iteration)
+
+
+def _ema_update(ema: dict[str, torch.Tensor], current: dict[str, torch.Tensor], decay: float) -> None:
+    for key, value in current.items():
+        ema[key].mul_(decay).add_(value.cpu(), alpha=1.0 - decay)
+
+
+def train(config: Config, resume: bool = True, progress: Optional[bool] = None) -> Path:
+    """Run (or resume) GRPO training; returns the run directory.
+
+    ``resume=True`` continues from the newest complete checkpoint in ``config.run.dir`` when there is
+    one (a run directory with a different configuration fingerprint is refused).
+    """
+    from comfy_pec.encoders import load_encoder
+
+    t, s = config.train, config.sampling
+    run_dir = Path(config.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    progress = config.run.progress if progress is None else progress
+
+    # -- model, adapter, optimizer ----------------------------------------------------------------
+    backend = load_backend(
+        config.model.path, family=config.model.family, revision=config.model.revision,
+        dtype=getattr(torch, config.model.dtype), device=_device(config.model.device), use_t5=config.model.use_t5,
+    )  # fmt: skip
+    torch.manual_seed(t.seed)  # PEFT draws lora_A's init from the global generator
+    params = add_lora(backend, config)
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    ema = lora_state(backend) if t.ema.enabled else None  # {PEFT key: tensor}, CPU
+    encoder = load_encoder(
+        config.pec.encoder, normalize=config.pec.normalize_features, device=backend.device, path=config.pec.encoder_path
+    )
+    reward_fn = build_reward(config.rewards)
+    prompts = resolve_prompts(config.prompts.train)
+
+    d = backend.defaults
+    resolution = int(s.resolution or d["resolution"])
+    num_steps = int(s.num_steps or d["num_steps"])
+    guidance = float(d["guidance_scale"] if s.guidance_scale is None else s.guidance_scale)
+    noise_level = float(s.noise_level or d["noise_level"])
+    sigmas = backend.schedule(num_steps, resolution, resolution)
+
+    # -- resume -----------------------------------------------------------------------------------
+    start, calibration = 0, None
+    found = latest_checkpoint(run_dir) if resume else None
+    if found is not None:
+        state = load_state(found)
+        if state["fingerprint"] != config.fingerprint():
+            raise PECError(
+                f"{run_dir} holds a run with another configuration (hash {state['fingerprint']} vs "
+                f"{config.fingerprint()}); use a new run.dir or the same config"
+            )
+        set_lora_state(backend, state["lora"])
+        optimizer.load_state_dict(state["optimizer"])
+        ema = state["ema"]
+        calibration = state["calibration"]
+        torch.set_rng_state(state["torch_rng"])
+        start = state["iteration"] + 1
+        print(f"resuming {run_dir} from {found.name} (iteration {start} of {t.iterations})")
+    save_config(config, run_dir / "config.yaml")
+    log = RunLog(run_dir, start, config.run.tensorboard)
+    nan_streak = 0  # iterations in a row with a NaN reward (restarts at 0 on resume)
+
+    def export(path: Path, iteration: int, extra: Optional[dict] = None) -> None:
+        source: Any = backend.transformer if ema is None else ema
+        save_lora(
+            source, path, alpha=config.lora.alpha if ema is not None else None, dtype=torch.float32,
+            architecture=backend.architecture, base_model=config.model.path or "pec-embedded-toy",
+            title=f"PEC {config.pec.method} LoRA", resolution=resolution,
+            provenance={
+                "method": config.pec.method if config.pec.method != "none" else "flow-grpo",
+                "beta": config.pec.beta, "encoder": config.pec.encoder,
+                "rewards": {r.name: r.weight for r in config.rewards}, "noise_level": noise_level,
+                "group_size": t.group_size, "global_step": iteration + 1, "config_hash": config.fingerprint(),
+                "base_model_revision": config.model.revision or "", **(extra or {}),
+            },
+        )  # fmt: skip
+
+    def checkpoint(iteration: int) -> Path:
+        state = {
+            "iteration": iteration, "fingerprint": config.fingerprint(), "lora": lora_state(backend),
+            "optimizer": optimizer.state_dict(), "ema": ema, "calibration": calibration,
+            "torch_rng": torch.get_rng_state(), "version": __version__,
+        }  # fmt: skip
+        return save_checkpoint(run_dir, iteration, state, lambda p: export(p, iteration), config.checkpoint.keep)
+
+    # -- PCVAE calibration on the reference policy (once, stored in checkpoints) ------------------
+    if config.pec.method == "pcvae" and calibration is None:
+        calibration = calibrate_pcvae(backend, encoder, prompts, config, sigmas, guidance, noise_level, resolution)
+
+    bar = tqdm(range(start, t.iterations), desc="train", disable=not progress, initial=start, total=t.iterations)
+    for it in bar:
+        times: dict[str, float] = {}
+        clock = time.perf_counter()
+        gen = _iteration_rng(t.seed, it)
+        chosen = torch.randint(len(prompts), (t.prompts_per_iteration,), generator=gen).tolist()
+        batch_prompts = [prompts[c] for c in chosen for _ in range(t.group_size)]
+        seeds = torch.randint(2**62, (len(batch_prompts),), generator=gen)
+        stochastic = _window(config, num_steps, it, gen)
+
+        ro = rollout(backend, batch_prompts, config, sigmas, stochastic, seeds, guidance, noise_level, resolution)
+        times["time_rollout"], clock = time.perf_counter() - clock, time.perf_counter()
+        rewards, parts = reward_fn(ro.images, ro.prompts)
+        times["time_reward"], clock = time.perf_counter() - clock, time.perf_counter()
+        stats = perceive(backend, encoder, ro, config, sigmas, guidance)
+        vendi = group_vendi(encoder, ro.images.to(backend.device), t.group_size, config.pec.chunk_size)
+        times["time_perceptual"], clock = time.perf_counter() - clock, time.perf_counter()
+
+        shaped = shaped_rewards(rewards, stats, config, calibration, ro.steps)
+        adv = group_advantages(shaped, t.group_size, t.adv_std, t.adv_clip)
+        nan_streak = nan_streak + 1 if bool(adv.dropped.any()) else 0
+        upd = {}
+        if bool(adv.trained.any()):
+            upd = update(backend, optimizer, params, ro, adv, config, sigmas, guidance, noise_level)
+            if ema is not None:
+                _ema_update(ema, lora_state(backend), t.ema.decay)
+        times["time_update"] = time.perf_counter() - clock
+
+        finite = torch.isfinite(rewards)
+        row = {
+            "iteration": it,
+            "reward_mean": float(rewards[finite].mean()) if finite.any() else float("nan"),
+            "reward_std": float(rewards[finite].std()) if finite.sum() > 1 else 0.0,
+            **{f"reward/{k}": float(v[torch.isfinite(v)].mean()) for k, v in parts.items()},
+            "shaped_reward_mean": float(shaped[torch.isfinite(shaped)].mean()) if finite.any() else float("nan"),
+            "policy_entropy": float(step_entropy(ro.stds, 1).mean()),
+            "perceptual_entropy": float(stats.entropy.reshape(-1, t.group_size, stats.entropy.shape[1]).mean(1).mean()),
+            "perceptual_energy": float(stats.energy.mean()),
+            "vendi": vendi,
+            "groups_dropped_nan": int(adv.dropped.sum()),
+            "groups_zero_std": int(adv.degenerate.sum()),
+            "window_steps": ro.steps,
+            **upd,
+            **times,
+            "time_total": sum(times.values()),
+        }
+        log.write(row)
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", vendi=f"{vendi:.2f}", refresh=False)
+
+        last = it == t.iterations - 1
+        if nan_streak >= t.nan_patience:
+            folder = checkpoint(it)
+            log.close()
+            raise TrainingError(
+                f"rewards were NaN in {nan_streak} iterations in a row (last: {it}); stopped after saving "
+                f"{folder}. Check the reward models and the prompts."
+            )
+        if (it + 1) % config.checkpoint.every == 0 or last:
+            checkpoint(it)
+    log.close()
+
+    export(run_dir / "lora.safetensors", t.iterations - 1)
+    from .report import write_report
+
+    write_report(run_dir, backend, config, encoder, reward_fn, lora_disabled)
+    return run_dir
+
+
+def _window(config: Config, num_steps: int, iteration: int, gen: torch.Generator) -> torch.Tensor:
+    w = config.sampling.window
+    if w.rule == "window":
+        start = sample_window_start(w.start_min, w.start_max, gen)
+        return stochastic_steps("window", num_steps, size=w.size, start=start)
+    return stochastic_steps(w.rule, num_steps, size=w.size, iteration=iteration, shift_every=w.shift_every, stride=w.stride)
+
+
+@torch.no_grad()
+def calibrate_pcvae(backend, encoder, prompts, config, sigmas, guidance, noise_level, resolution) -> torch.Tensor:
+    """PCVAE's anchor ``c_t``: the mean gain ℓ per trained step of the LoRA-off policy (DESIGN §5)."""
+    t = config.train
+    gen = _iteration_rng(t.seed, -1)
+    chosen = torch.randint(len(prompts), (t.prompts_per_iteration,), generator=gen).tolist()
+    batch_prompts = [prompts[c] for c in chosen for _ in range(t.group_size)]
+    seeds = torch.randint(2**62, (len(batch_prompts),), generator=gen)
+    stochastic = stochastic_steps("all", len(sigmas) - 1)
+    with lora_disabled(backend):
+        ro = rollout(backend, batch_prompts, config, sigmas, stochastic, seeds, guidance, noise_level, resolution)
+        stats = perceive(backend, encoder, ro, config, sigmas, guidance)
+    gain = pcvae_gain(stats.energy, stats.latent_energy, stats.feat_dim, stats.latent_dim)
+    # One value per step index (the last step is never stochastic): windowed runs pick theirs.
+    return torch.cat([gain.mean(dim=0), gain.new_zeros(1)])
