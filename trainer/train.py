@@ -29,13 +29,13 @@ from comfy_pec.diversity import pcvae_gain, pcvae_penalty, pec_bonus, vendi_scor
 from comfy_pec.lora_format import save_lora
 from comfy_pec.sde import gaussian_kl, gaussian_log_prob, sample_window_start, step_entropy, stochastic_steps
 
-from .backends import EMBEDDED_MODEL, Backend, PromptEmbeds, load_backend
+from .backends import Backend, PromptEmbeds, load_backend
 from .checkpoint import latest_checkpoint, load_state, save_checkpoint
 from .config import Config, save_config
 from .grpo import Advantages, clipped_surrogate, group_advantages
 from .perceptual import PerceptualStats, embed_latents, measure_steps
 from .prompts import resolve_prompts
-from .rewards import WeightedReward, build_reward
+from .rewards import build_reward
 from .runlog import RunLog
 from .sampling import SDE_STEPS, StepRecord, denoise, seeded_noise
 
