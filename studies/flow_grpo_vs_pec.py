@@ -18,31 +18,25 @@ from pathlib import Path
 
 import torch
 
-from comfy_pec.diversity import vendi_score
 from comfy_pec.encoders import load_encoder
 from trainer.backends import load_backend
 from trainer.config import load_config
 from trainer.prompts import resolve_prompts
+from trainer.report import evaluate_grid
 from trainer.rewards import build_reward
-from trainer.sampling import sample_images
 from trainer.train import train
 
 METHODS = {"flow-grpo": ["pec.method=none"], "pec": ["pec.method=pec"]}
 
 
 def evaluate(model_path, lora, prompts, seeds, reward_fn, encoder) -> dict:
+    """Base model (``lora=None``) or base + LoRA: the report's before/after measurement, without images."""
     backend = load_backend(model_path)
     if lora is not None:
         backend.load_lora(str(lora))
-    flat_prompts = [p for p in prompts for _ in seeds]
-    images = sample_images(backend, flat_prompts, [s for _ in prompts for s in seeds], progress=False)
-    reward, parts = reward_fn(images, flat_prompts)
-    feats = encoder(images).reshape(len(prompts), len(seeds), -1)
-    return {
-        "reward": float(reward.mean()),
-        **{f"reward/{k}": float(v.mean()) for k, v in parts.items()},
-        "vendi": float(vendi_score(feats).mean()),
-    }
+    result = evaluate_grid(backend, prompts, seeds, encoder, reward_fn)
+    del result["images"]
+    return result
 
 
 def main() -> None:

@@ -49,14 +49,20 @@ def plot_curves(rows: list[dict], path: Path) -> None:
 
 @torch.no_grad()
 def evaluate_grid(backend: Backend, prompts: list[str], seeds: list[int], encoder, reward_fn) -> dict:
-    """Samples every prompt at every seed (ODE); returns images, mean reward and mean per-prompt Vendi."""
+    """Samples every prompt at every seed (ODE); returns the images, the mean reward (total and per
+    term, ``reward/<name>``) and the mean per-prompt Vendi in the encoder's space."""
     images = sample_images(
         backend, [p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds], progress=False
     )
-    reward, _ = reward_fn(images, [p for p in prompts for _ in seeds])
+    reward, parts = reward_fn(images, [p for p in prompts for _ in seeds])
     feats = encoder(images.to(backend.device)).float().cpu()
     vendi = vendi_score(feats.reshape(len(prompts), len(seeds), -1))
-    return {"images": images, "reward": float(reward.nanmean()), "vendi": float(vendi.mean())}
+    return {
+        "images": images,
+        "reward": float(reward.nanmean()),
+        **{f"reward/{name}": float(values.nanmean()) for name, values in parts.items()},
+        "vendi": float(vendi.mean()),
+    }
 
 
 def write_report(

@@ -276,8 +276,9 @@ def load_pipeline(directory: str | Path = DEFAULT_MODEL_DIR, dtype: torch.dtype 
 
 def read_defaults(directory: str | Path = DEFAULT_MODEL_DIR) -> dict:
     """``pec.json`` of a model directory merged over :data:`PEC_DEFAULTS`."""
-    path = Path(directory) / PEC_CONFIG_NAME
-    return {**PEC_DEFAULTS, **(json.loads(path.read_text()) if path.exists() else {})}
+    from ..backends.base import read_defaults as read_model_defaults
+
+    return read_model_defaults(str(directory), PEC_DEFAULTS)
 
 
 def safetensors_bytes(directory: str | Path) -> int:
