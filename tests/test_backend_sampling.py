@@ -12,8 +12,10 @@ from trainer.backends import detect_family, load_backend
 from trainer.backends.base import PromptEmbeds
 from trainer.cli import main
 from trainer.sampling import denoise, sample_images, seeded_noise
-from trainer.toy.model import build_pipeline, save_pipeline
+from trainer.toy.model import VAE_CONFIG, build_pipeline, save_pipeline
 
+#: one latent of a 64x64 image: [C, 16, 16]
+LATENT = (VAE_CONFIG["latent_channels"], 16, 16)
 PROMPTS = ["a red circle", "a blue square on the left", "a green star and a cyan ring"]
 
 
@@ -33,7 +35,7 @@ def test_loads_through_the_real_path_with_model_defaults(backend, model_dir):
     assert detect_family(model_dir) == "sd3"
     assert backend.family == "sd3" and backend.defaults["num_steps"] == 4 and backend.defaults["guidance_scale"] == 2.5
     assert not any(p.requires_grad for p in backend.transformer.parameters())
-    assert backend.latent_shape(64, 64) == (4, 16, 16)
+    assert backend.latent_shape(64, 64) == LATENT
     with pytest.raises(PECError, match="multiple of"):
         backend.latent_shape(60, 64)
 
@@ -48,7 +50,7 @@ def test_bad_model_paths_are_clear_errors(tmp_path):
 
 def test_velocity_with_and_without_cfg(backend):
     torch.manual_seed(0)
-    x = torch.randn(3, 4, 16, 16)
+    x = torch.randn(3, *LATENT)
     cond = backend.encode_prompts(PROMPTS)
     assert cond.embeds.shape[0] == 3 and cond.pooled.shape == (3, 64)
     with torch.no_grad():
@@ -66,7 +68,7 @@ def test_velocity_with_and_without_cfg(backend):
 def test_ode_sampling_matches_the_diffusers_pipeline(backend):
     """Our loop with noise level 0 is diffusers' SD3 Euler sampler on the same sigmas."""
     steps, g = 4, 2.5
-    noise = seeded_noise((2, 4, 16, 16), [torch.Generator().manual_seed(s) for s in (5, 6)])
+    noise = seeded_noise((2, *LATENT), [torch.Generator().manual_seed(s) for s in (5, 6)])
     ours, _ = denoise(
         backend, noise, backend.encode_prompts(PROMPTS[:2]), sd3_schedule(steps, shift=backend.defaults["shift"]),
         guidance_scale=g, uncond=backend.empty_embeds(2),
@@ -96,7 +98,7 @@ def test_rollout_records_only_stochastic_steps(backend):
     gens = [torch.Generator().manual_seed(i) for i in range(3)]
     with torch.no_grad():
         x, records = denoise(
-            backend, seeded_noise((3, 4, 16, 16), gens), cond, sigmas, noise_level=0.7, stochastic=mask,
+            backend, seeded_noise((3, *LATENT), gens), cond, sigmas, noise_level=0.7, stochastic=mask,
             generators=gens, record=True,
         )  # fmt: skip
     assert [r.index for r in records] == [1, 2]
@@ -113,7 +115,7 @@ def test_lora_loading_checks_the_base_model(backend, model_dir, tmp_path):
     donor.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_v"], init_lora_weights=False))
     good = tmp_path / "good.safetensors"
     save_lora(donor, good, dtype=torch.float32)
-    x, t = torch.randn(1, 4, 16, 16), torch.full((1,), 500.0)
+    x, t = torch.randn(1, *LATENT), torch.full((1,), 500.0)
     fresh = load_backend(model_dir)
     cond = fresh.encode_prompts(PROMPTS[:1])
     with torch.no_grad():

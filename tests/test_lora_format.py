@@ -4,7 +4,6 @@ anything but one LoraFormatError."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -21,6 +20,16 @@ import tiny_models as tm
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tiny_models import (
+    FAMILIES,
+    assert_close,
+    captured_log,
+    comfy_forward,
+    comfy_model,
+    forward,
+    fresh_pipeline,
+    key_warnings,
+)
 
 import comfy_pec
 from comfy_pec import lora_format
@@ -42,29 +51,6 @@ REPO = Path(__file__).resolve().parents[1]
 # ----------------------------------------------------------------------------- helpers
 
 
-@contextlib.contextmanager
-def captured_log(name: str, level: int = logging.WARNING):
-    """Collect the messages of logger ``name`` (diffusers' loggers do not propagate to the root)."""
-    records: list[str] = []
-
-    class _Collect(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    handler = _Collect(level)
-    logger = logging.getLogger(name)
-    logger.addHandler(handler)
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
-
-
-def key_warnings(messages: list[str]) -> list[str]:
-    """diffusers' warnings about LoRA keys it could not place (not the "no text-encoder keys" notice)."""
-    return [m for m in messages if "missing keys" in m or "unexpected keys" in m]
-
-
 def lora_modules_in(model: torch.nn.Module) -> set[str]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -73,37 +59,6 @@ def lora_modules_in(model: torch.nn.Module) -> set[str]:
 
 def file_modules(tensors) -> set[str]:
     return {module_path(k) for k in tensors if k.endswith(".lora_A.weight")}
-
-
-def forward(model, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).sample
-
-
-FAMILIES = {
-    # name: (builder, inputs, pipeline class name, LoRA targets)
-    "sd3.5-medium": (tm.tiny_sd35m_transformer, tm.sd3_inputs, "StableDiffusion3Pipeline", tm.ATTENTION_TARGETS),
-    "flux": (tm.tiny_flux_transformer, tm.flux_inputs, "FluxPipeline", tm.FLUX_TARGETS),
-}
-
-
-def fresh_pipeline(family: str, transformer=None):
-    """A pipeline around a fresh copy of the base transformer; no VAE / text encoders needed here."""
-    import diffusers
-
-    build, _, pipeline_name, _ = FAMILIES[family]
-    components = dict(
-        transformer=transformer or build(), scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None
-    )
-    names = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
-    if pipeline_name == "StableDiffusion3Pipeline":
-        names += ["text_encoder_3", "tokenizer_3"]
-    return getattr(diffusers, pipeline_name)(**components, **dict.fromkeys(names))
-
-
-def assert_close(out: torch.Tensor, ref: torch.Tensor, rel: float) -> None:
-    err = (out - ref).abs().max().item()
-    assert err <= rel * ref.abs().max().item(), f"max abs error {err:.3g} vs output scale {ref.abs().max():.3g}"
 
 
 def adapter_config(metadata: dict) -> dict:
@@ -624,62 +579,7 @@ def test_fuzz_random_headers(fuzz, data):
 
 @pytest.fixture(scope="module")
 def comfy():
-    """ComfyUI's model loading and LoRA modules, imported from $COMFYUI_PATH on the CPU."""
-    sys.path.insert(0, os.environ["COMFYUI_PATH"])
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True  # before comfy.model_management is imported: no CUDA here
-    import comfy.lora
-    import comfy.model_detection
-    import comfy.model_patcher
-    import comfy.sd
-
-    return comfy
-
-
-def _comfy_model(comfy, family: str, diffusers_state: dict):
-    """A ComfyUI ModelPatcher around a tiny diffusers-format state dict."""
-    if family != "flux":
-        return comfy.sd.load_diffusion_model_state_dict(dict(diffusers_state), model_options={"dtype": torch.float32})
-    # ComfyUI's FLUX detection hard-codes the full-size widths (hidden 3072, 24 heads, T5 4096): the
-    # loader flow of load_diffusion_model_state_dict with the tiny widths put back.
-    state = comfy.model_detection.convert_diffusers_mmdit(dict(diffusers_state), "")
-    config = comfy.model_detection.model_config_from_unet(state, "")
-    cfg = tm.FLUX_CONFIG
-    config.unet_config.update(
-        hidden_size=cfg["num_attention_heads"] * cfg["attention_head_dim"],
-        num_heads=cfg["num_attention_heads"],
-        context_in_dim=cfg["joint_attention_dim"],
-        axes_dim=list(cfg["axes_dims_rope"]),
-    )
-    config.set_inference_dtype(torch.float32, None)
-    model = config.get_model(state, "")
-    model.load_model_weights(state, "")
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
-
-
-def _comfy_forward(patcher, family: str, inputs: dict) -> torch.Tensor:
-    """ComfyUI's inner diffusion model on the diffusers inputs, output in the diffusers layout."""
-    net = patcher.model.diffusion_model
-    with torch.no_grad():
-        if family != "flux":
-            return net(
-                inputs["hidden_states"],
-                inputs["timestep"],
-                context=inputs["encoder_hidden_states"],
-                y=inputs["pooled_projections"],
-            )
-        # diffusers packs 2x2 latent patches into the channels: [B, 16 tokens, 64] <-> [B, 16, 8, 8]
-        x = inputs["hidden_states"].reshape(1, 4, 4, 16, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(1, 16, 8, 8)
-        out = net(
-            x,
-            inputs["timestep"],
-            context=inputs["encoder_hidden_states"],
-            y=inputs["pooled_projections"],
-            guidance=inputs["guidance"],
-        )
-        return out.reshape(1, 16, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, 16, 64)
+    return tm.import_comfy()
 
 
 @pytest.mark.comfyui
@@ -688,7 +588,7 @@ def test_comfyui_loads_every_key_at_trained_strength(comfy, trained, family, cap
     _, ref, _, path = trained[family]
     build, inputs, _, _ = FAMILIES[family]
     base_state = build().state_dict()
-    patcher = _comfy_model(comfy, family, base_state)
+    patcher = comfy_model(comfy, family, base_state)
     key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
     tensors, _ = load_lora(path)
     with caplog.at_level(logging.WARNING):
@@ -709,4 +609,4 @@ def test_comfyui_loads_every_key_at_trained_strength(comfy, trained, family, cap
     )
     assert torch.allclose(weight[: expected.shape[0]], expected, atol=1e-6)
     # And the whole patched model reproduces the PEFT-trained diffusers model.
-    assert_close(_comfy_forward(patcher, family, inputs()), ref, rel=1e-5)
+    assert_close(comfy_forward(patcher, family, inputs()), ref, rel=1e-5)

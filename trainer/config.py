@@ -32,14 +32,45 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    """Which model to fine-tune."""
+    """Which model to fine-tune, and how to hold it in memory."""
 
-    path: Optional[str] = Field(None, description="diffusers pipeline dir or hub id; null = the embedded tiny model")
+    path: Optional[str] = Field(
+        None,
+        description="diffusers pipeline dir or hub id, or a single-file transformer checkpoint (.safetensors, "
+        "needs model.base); null = the embedded tiny model",
+    )
     family: Optional[str] = Field(None, description="model family (sd3, flux); detected from model_index.json")
-    revision: Optional[str] = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    use_t5: bool = False
+    base: Optional[str] = Field(
+        None,
+        description="single-file checkpoints only: the diffusers pipeline (hub id or dir) of the same architecture "
+        "that supplies the transformer config, VAE, text encoders, tokenizers and scheduler",
+    )
+    revision: Optional[str] = Field(None, description="hub revision of path (of base for a single file)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="transformer and text encoders; the VAE, LoRA and step math stay float32"
+    )
+    use_t5: Optional[bool] = Field(None, description="SD3: load T5 (default off: its tokens are zeros); FLUX: always")
+    max_sequence_length: Optional[int] = Field(None, ge=1, description="T5 tokens; null = model default (256 / 512)")
+    gradient_checkpointing: bool = Field(False, description="recompute transformer activations in the backward pass")
+    prompt_cache: int = Field(0, ge=0, description="prompts whose text embeddings are kept on the CPU (0 = off)")
+    offload_text_encoders: bool = Field(False, description="keep text encoders on the CPU between encodes")
     device: str = Field("auto", description="'auto' = cuda when available, else cpu")
+
+    @model_validator(mode="after")
+    def _single_file_rules(self) -> "ModelConfig":
+        from .backends.pipeline import is_single_file
+
+        single = self.path is not None and is_single_file(self.path)
+        if single and self.base is None:
+            raise ValueError(
+                f"model.path {self.path} is a single-file checkpoint: set model.base to the diffusers pipeline "
+                "(hub id or directory) it belongs to, e.g. black-forest-labs/FLUX.1-dev"
+            )
+        if self.base is not None and not single:
+            raise ValueError("model.base is only for a single-file model.path (a .safetensors transformer checkpoint)")
+        if self.family == "flux" and self.use_t5 is False:
+            raise ValueError("model.use_t5 cannot be false for a flux model: FLUX reads its prompt tokens from T5")
+        return self
 
 
 class WindowConfig(_Section):
@@ -106,8 +137,11 @@ class TrainConfig(_Section):
 
 
 class RewardTerm(_Section):
+    """One weighted term of the task reward (``trainer.rewards.REWARDS``)."""
+
     name: str
     weight: float = 1.0
+    path: Optional[str] = Field(None, description="reward model: hub id or local path; null = its published weights")
 
 
 class PecConfig(_Section):

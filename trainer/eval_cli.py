@@ -96,7 +96,7 @@ def add_cli(subparsers) -> None:
         "runs/pec/lora.safetensors --out evals/study && pec compare evals/study",
     )
     p.add_argument("--model", help="diffusers pipeline directory or hub id (default: the embedded tiny model)")
-    p.add_argument("--family", choices=["sd3"], help="model family, needed for hub ids")
+    p.add_argument("--family", choices=["sd3", "flux"], help="model family, needed for hub ids")
     p.add_argument("--lora", nargs="+", metavar="FILE",
                    help="LoRA .safetensors files; each is evaluated on its own (own eval directory)")
     p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")

@@ -70,6 +70,8 @@ def add_lora(backend: Backend, config: Config) -> list[torch.nn.Parameter]:
             if "lora_B" in name:
                 p.data.copy_(torch.randn(p.shape, generator=gen) * lora.init_scale)
     for p in params:
+        # float32 even on a bf16 network: bf16 keeps 8 mantissa bits, small AdamW updates would round away.
+        p.data = p.data.float()
         p.requires_grad_(True)
     return params
 
@@ -138,6 +140,7 @@ def rollout(
     batch = config.train.batch_size
     shape = backend.latent_shape(resolution, resolution)
     records, conds, images = [], [], []
+    backend.cache_prompts(prompts)  # one text-encoder pass (and move, when offloaded) per iteration
     for start in range(0, len(prompts), batch):
         part = prompts[start : start + batch]
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds[start : start + batch]]
@@ -280,11 +283,14 @@ def _ema_update(ema: dict[str, torch.Tensor], current: dict[str, torch.Tensor], 
         ema[key].mul_(decay).add_(value.cpu(), alpha=1.0 - decay)
 
 
-def train(config: Config, resume: bool = True, progress: Optional[bool] = None) -> Path:
+def train(
+    config: Config, resume: bool = True, progress: Optional[bool] = None, backend: Optional[Backend] = None
+) -> Path:
     """Run (or resume) GRPO training; returns the run directory.
 
     ``resume=True`` continues from the newest complete checkpoint in ``config.run.dir`` when there is
-    one (a run directory with a different configuration fingerprint is refused).
+    one (a run directory with a different configuration fingerprint is refused). ``backend``: an
+    already built model (e.g. randomly initialised in memory) instead of loading ``config.model``.
     """
     from comfy_pec.encoders import load_encoder
 
@@ -294,9 +300,12 @@ def train(config: Config, resume: bool = True, progress: Optional[bool] = None) 
     progress = config.run.progress if progress is None else progress
 
     # -- model, adapter, optimizer ----------------------------------------------------------------
-    backend = load_backend(
-        config.model.path, family=config.model.family, revision=config.model.revision,
-        dtype=getattr(torch, config.model.dtype), device=_device(config.model.device), use_t5=config.model.use_t5,
+    m = config.model
+    backend = backend or load_backend(
+        m.path, family=m.family, base=m.base, revision=m.revision, dtype=getattr(torch, m.dtype),
+        device=_device(m.device), use_t5=m.use_t5, max_sequence_length=m.max_sequence_length,
+        prompt_cache=m.prompt_cache, offload_text_encoders=m.offload_text_encoders,
+        gradient_checkpointing=m.gradient_checkpointing,
     )  # fmt: skip
     torch.manual_seed(t.seed)  # PEFT draws lora_A's init from the global generator
     params = add_lora(backend, config)

@@ -1,6 +1,14 @@
-"""ComfyUI glue for the PEC library. Node classes are registered here as they land (see the issue
-tracker); each is thin glue over plain functions of comfy_pec that tests call without ComfyUI.
-ComfyUI itself (``comfy``) is imported lazily inside the nodes, never at module import time."""
+"""ComfyUI glue for the PEC library: the node pack.
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+Each node is a :class:`~comfy_pec.nodes.spec.NodeSpec` (``definitions.py``) whose ``run`` is thin glue
+over plain functions of :mod:`comfy_pec`; :mod:`~comfy_pec.nodes.registry` turns the specs into V3
+(``comfy_api.latest``) node classes, or V1 classes on a ComfyUI without the V3 API. ComfyUI itself
+(``comfy``, ``folder_paths``) is imported lazily inside the nodes, never at module import time.
+"""
+
+from .definitions import SPECS
+from .registry import build_nodes
+
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = build_nodes(SPECS)
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "SPECS"]

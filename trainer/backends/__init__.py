@@ -15,7 +15,9 @@ from .base import Backend, PromptEmbeds
 EMBEDDED_MODEL = str(Path(__file__).resolve().parent.parent / "toy" / "pretrained")
 
 # diffusers pipeline class (model_index.json "_class_name") -> family
-_PIPELINE_FAMILIES = {"StableDiffusion3Pipeline": "sd3"}
+_PIPELINE_FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+#: the supported model families.
+FAMILIES = ("sd3", "flux")
 
 
 def detect_family(path_or_id: str) -> str:
@@ -34,14 +36,28 @@ def detect_family(path_or_id: str) -> str:
 
 
 def load_backend(path_or_id: Optional[str] = None, family: Optional[str] = None, **kwargs) -> Backend:
-    """Load a model as a backend; ``None`` loads the embedded tiny model. ``kwargs`` go to ``from_pretrained``."""
+    """Load a model as a backend; ``None`` loads the embedded tiny model.
+
+    ``path_or_id`` is a hub id, a diffusers pipeline directory, or a single-file transformer
+    checkpoint (then ``base=`` names the pipeline that supplies the rest, and the family is detected
+    from it). ``kwargs`` go to the backend's ``from_pretrained`` (see
+    :meth:`~trainer.backends.pipeline.PipelineBackend.from_pretrained`).
+    """
+    from .pipeline import is_single_file
+
     path_or_id = path_or_id or EMBEDDED_MODEL
-    family = family or detect_family(path_or_id)
+    if family is None:
+        base = kwargs.get("base")
+        family = detect_family(base if base and is_single_file(path_or_id) else path_or_id)
     if family == "sd3":
         from .sd3 import SD3Backend
 
         return SD3Backend.from_pretrained(path_or_id, **kwargs)
-    raise PECError(f"unknown model family {family!r}; supported: sd3")
+    if family == "flux":
+        from .flux import FluxBackend
+
+        return FluxBackend.from_pretrained(path_or_id, **kwargs)
+    raise PECError(f"unknown model family {family!r}; supported: {', '.join(FAMILIES)}")
 
 
-__all__ = ["Backend", "PromptEmbeds", "EMBEDDED_MODEL", "detect_family", "load_backend"]
+__all__ = ["Backend", "PromptEmbeds", "EMBEDDED_MODEL", "FAMILIES", "detect_family", "load_backend"]

@@ -144,6 +144,9 @@ class Backend(abc.ABC):
     def load_lora(self, path: str, scale: float = 1.0, adapter_name: str = "pec") -> None:
         """Apply a LoRA file at ``scale``; a file for another architecture is a :class:`PECError`."""
 
+    def cache_prompts(self, prompts: list[str]) -> None:
+        """Encode ``prompts`` ahead of use where the backend caches embeddings (default: nothing to do)."""
+
     def empty_embeds(self, batch: int) -> PromptEmbeds:
         """The unconditional (empty-prompt) embedding for CFG, computed once and repeated."""
         cached = getattr(self, "_empty", None)

@@ -8,16 +8,15 @@ SD3 does: ``z = (vae_mean - shift_factor) · scaling_factor``. The transformer t
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import torch
 
 from comfy_pec import PECError
-from comfy_pec.lora_format import guess_architecture
 from comfy_pec.sde import sd3_schedule
 
-from .base import Backend, PromptEmbeds, Sigma, load_lora_for, read_defaults
+from .base import PromptEmbeds, Sigma
+from .pipeline import PipelineBackend
 
 #: Flow-GRPO's SD3.5-M settings (DESIGN §4); a model directory's pec.json overrides them.
 SD3_DEFAULTS: dict[str, Any] = {
@@ -31,59 +30,27 @@ SD3_DEFAULTS: dict[str, Any] = {
 }
 
 
-class SD3Backend(Backend):
-    """SD3/SD3.5 (CLIP-L + CLIP-G, optional T5) with classifier-free guidance."""
+class SD3Backend(PipelineBackend):
+    """SD3/SD3.5 (CLIP-L + CLIP-G, optional T5) with classifier-free guidance.
+
+    T5 is left out unless ``use_t5`` (Flow-GRPO trains without it; its token slots are zeros then).
+    """
 
     family = "sd3"
-
-    def __init__(self, pipe, defaults: Optional[dict[str, Any]] = None, source: str = "<in memory>"):
-        self.pipe = pipe
-        self.transformer = pipe.transformer
-        self.vae = pipe.vae
-        self.source = source
-        self.defaults = {**SD3_DEFAULTS, **(defaults or {})}
-        self.max_sequence_length = int(self.defaults["max_sequence_length"])
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        # For LoRA metadata: pec.json may name it (the embedded model: "sd3-toy"); else from the weights.
-        self.architecture = self.defaults.get("architecture") or guess_architecture(
-            {k: v.shape for k, v in self.transformer.state_dict().items()}
-        )
+    pipeline_class = "StableDiffusion3Pipeline"
+    transformer_class = "SD3Transformer2DModel"
+    builtin_defaults = SD3_DEFAULTS
+    text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
     @classmethod
-    def from_pretrained(
-        cls,
-        path_or_id: str,
-        *,
-        revision: Optional[str] = None,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-        use_t5: bool = False,
-    ) -> "SD3Backend":
-        """Load a diffusers SD3 pipeline from a hub id or a local directory.
-
-        T5 is left out unless ``use_t5`` (Flow-GRPO trains without it; its token slots are zeros then).
-        The VAE is kept in float32: decoding is part of the reward and of perceptual entropy.
-        """
-        from diffusers import StableDiffusion3Pipeline
-
-        extra = {} if use_t5 else {"text_encoder_3": None, "tokenizer_3": None}
-        try:
-            pipe = StableDiffusion3Pipeline.from_pretrained(path_or_id, revision=revision, torch_dtype=dtype, **extra)
-        except (OSError, ValueError) as err:
-            raise PECError(f"cannot load an SD3 pipeline from {path_or_id!r}: {err}") from None
-        pipe.vae.to(torch.float32)
-        pipe.to(device)
-        for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-            if module is not None:
-                module.eval().requires_grad_(False)
-        defaults = read_defaults(path_or_id, {}) if os.path.isdir(path_or_id) else {}
-        return cls(pipe, defaults, source=path_or_id)
+    def optional_components(cls, use_t5: Optional[bool]) -> dict[str, None]:
+        return {} if use_t5 else {"text_encoder_3": None, "tokenizer_3": None}
 
     # ---- text ---------------------------------------------------------------------------------
 
-    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
+    def _encode(self, prompts: list[str]) -> PromptEmbeds:
         embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=list(prompts),
+            prompt=prompts,
             prompt_2=None,
             prompt_3=None,
             device=self.device,
@@ -103,7 +70,7 @@ class SD3Backend(Backend):
         uncond: Optional[PromptEmbeds] = None,
     ) -> torch.Tensor:
         batch = latents.shape[0]
-        dtype = self.transformer.dtype
+        dtype = self.dtype
         timestep = (torch.as_tensor(sigma, dtype=torch.float32, device=latents.device) * 1000.0).expand(batch)
         if guidance_scale == 1.0:
             return self._forward(latents.to(dtype), timestep, cond).float()
@@ -116,7 +83,7 @@ class SD3Backend(Backend):
         return v_uncond + guidance_scale * (v_cond - v_uncond)
 
     def _forward(self, latents: torch.Tensor, timestep: torch.Tensor, cond: PromptEmbeds) -> torch.Tensor:
-        dtype = self.transformer.dtype
+        dtype = self.dtype
         return self.transformer(
             hidden_states=latents,
             timestep=timestep,
@@ -125,18 +92,7 @@ class SD3Backend(Backend):
             return_dict=False,
         )[0]
 
-    # ---- images <-> latents -------------------------------------------------------------------
-
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        cfg = self.vae.config
-        pixels = images.to(self.device, torch.float32) * 2.0 - 1.0
-        mean = self.vae.encode(pixels).latent_dist.mean
-        return (mean - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        cfg = self.vae.config
-        z = latents.to(torch.float32) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
-        return (self.vae.decode(z, return_dict=False)[0] / 2.0 + 0.5).clamp(0.0, 1.0)
+    # ---- layout and schedule ------------------------------------------------------------------
 
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         f = self.vae_scale_factor * self.transformer.config.patch_size
@@ -147,9 +103,3 @@ class SD3Backend(Backend):
     def schedule(self, num_steps: int, height: int, width: int) -> torch.Tensor:
         return sd3_schedule(num_steps, shift=float(self.defaults["shift"]))
 
-    # ---- LoRA ---------------------------------------------------------------------------------
-
-    def load_lora(self, path: str, scale: float = 1.0, adapter_name: str = "pec") -> None:
-        tensors = load_lora_for(self.transformer, path, self.family)
-        self.pipe.load_lora_weights(tensors, adapter_name=adapter_name)
-        self.pipe.set_adapters([adapter_name], [scale])

@@ -26,7 +26,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
     keys = [k for k in PRETRAIN_DEFAULTS if getattr(args, k, None) is not None]
     report = pretrain(args.out, **{k: getattr(args, k) for k in keys}, device=args.device,
-                      workers=args.workers)
+                      workers=args.workers, init_from=args.init_from)
     print(json.dumps(report, indent=2))
     print(f"saved the pipeline to {args.out} ({report['time_s']['total'] / 60:.1f} min)")
     return 0
@@ -86,6 +86,9 @@ def add_cli(subparsers) -> None:
                        "StableDiffusion3Pipeline directory with pec.json sampling defaults.")
     _add_common(p, DEFAULT_MODEL_DIR)
     _add_recipe(p, PRETRAIN_DEFAULTS)
+    p.add_argument("--init-from", metavar="DIR", default=None,
+                   help="continue from a saved toy pipeline: keep its VAE, train its flow model "
+                   "for --steps more steps (a long pre-training in several sittings)")
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("train-encoder", help="retrain the toy perceptual encoder",

@@ -5,7 +5,7 @@ assembled as a real :class:`diffusers.StableDiffusion3Pipeline`, so the trainer 
 exactly the code path of a real SD3 checkpoint (T5 is absent: ``text_encoder_3 = None``, which
 the pipeline replaces by zero embeddings; ``max_sequence_length = 0`` makes that zero tokens).
 
-Components (64x64 RGB images, 16x16x4 latents, 8x8 = 64 image tokens):
+Components (64x64 RGB images, 16x16x16 latents, 8x8 = 64 image tokens):
 
 * tokenizer / tokenizer_2: a CLIP BPE tokenizer built offline for the world's vocabulary
   (:func:`build_tokenizer`): every grammar word, synonym and filler word the caption parser
@@ -17,7 +17,7 @@ Components (64x64 RGB images, 16x16x4 latents, 8x8 = 64 image tokens):
   zero-padded to ``joint_attention_dim``, as the token sequence, and the concatenated projected
   EOS embeddings as the pooled vector.
 * vae: a tiny ``AutoencoderKL`` with a 4x downsample (objects are down to ~7 px wide at 64 px)
-  to 4 latent channels, SD3-style (no quant convs, no mid-block attention); ``scaling_factor``
+  to 16 latent channels, SD3-style (no quant convs, no mid-block attention); ``scaling_factor``
   and ``shift_factor`` are set from data statistics so that scaled latents are ~unit variance.
 * transformer: a tiny ``SD3Transformer2DModel`` (MMDiT, patch 2).
 * scheduler: ``FlowMatchEulerDiscreteScheduler`` with the shift of :data:`PEC_DEFAULTS`.
@@ -170,7 +170,7 @@ VAE_CONFIG = dict(
     up_block_types=("UpDecoderBlock2D",) * 3,
     block_out_channels=(16, 32, 64),  # two downsamples: 64x64 -> 16x16; narrow at full resolution
     layers_per_block=1,
-    latent_channels=4,
+    latent_channels=16,  # as SD3; 4 channels blurred ring holes and star points away
     norm_num_groups=8,
     sample_size=RESOLUTION,
     scaling_factor=1.0,  # set from data by the pre-training (latents ~ unit variance)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .model import PEC_DEFAULTS, build_pipeline, save_pipeline
+from .model import PEC_DEFAULTS, build_pipeline, load_pipeline, read_defaults, save_pipeline
 from .world import Scene, ShapesDataset, render
 
 #: the recipe of the shipped weights (``pec toy pretrain`` with no options).
@@ -40,12 +40,12 @@ PRETRAIN_DEFAULTS = dict(
     seed=0,
     n_images=40_000,
     p_second=0.25,
-    vae_steps=1500,
+    vae_steps=2000,
     vae_batch_size=16,
     vae_lr=1e-3,
     kl_weight=1e-4,
     latent_noise=0.1,
-    steps=2000,
+    steps=3000,
     batch_size=64,
     lr=5e-4,
     weight_decay=0.01,
@@ -238,7 +238,7 @@ def train_flow(backend, latents: torch.Tensor, captions: list[str], *, steps: in
 
 def pretrain(out_dir: str | Path, *, save_dtype: torch.dtype = torch.float16,
              defaults: dict | None = None, device: str = "cpu", workers: int = 2,
-             progress: bool = True, **overrides) -> dict:
+             init_from: str | Path | None = None, progress: bool = True, **overrides) -> dict:
     """Train the tiny SD3 pipeline from scratch and save it to ``out_dir``.
 
     ``overrides`` replace entries of :data:`PRETRAIN_DEFAULTS` (``seed``, ``n_images``,
@@ -247,6 +247,11 @@ def pretrain(out_dir: str | Path, *, save_dtype: torch.dtype = torch.float16,
     override the sampling defaults written to ``pec.json`` (the recipe is stored there too, under
     ``"pretrain"``). Returns a report: wall time per phase (s), final losses, the latent
     shift/scale, and the adherence of VAE reconstructions vs the originals (256 fresh images).
+
+    ``init_from``: a saved toy pipeline to continue from -- its VAE (and latent scale) is kept,
+    the VAE phase is skipped, and the flow phase trains its transformer and text encoders for
+    ``steps`` more steps (so a long pre-training can be done in several sittings). Its recipe
+    is kept in ``pec.json`` under ``"pretrain"."continues"``.
     """
     from ..backends.sd3 import SD3Backend
     from .rewards import adherence_reward
@@ -269,14 +274,19 @@ def pretrain(out_dir: str | Path, *, save_dtype: torch.dtype = torch.float16,
                                          workers=workers, progress=progress)
     lap("data")
 
-    pipe = build_pipeline(seed)
-    pipe.to(device)
-    report["vae"] = train_vae(pipe.vae, images, steps=r["vae_steps"],
-                              batch_size=r["vae_batch_size"], lr=r["vae_lr"],
-                              kl_weight=r["kl_weight"], latent_noise=r["latent_noise"],
-                              seed=seed + 1, device=device, progress=progress)
-    report["vae"]["shift_factor"], report["vae"]["scaling_factor"] = calibrate_latent_scale(
-        pipe.vae, images[:4096], device=device)
+    if init_from is None:
+        pipe = build_pipeline(seed).to(device)
+        report["vae"] = train_vae(pipe.vae, images, steps=r["vae_steps"],
+                                  batch_size=r["vae_batch_size"], lr=r["vae_lr"],
+                                  kl_weight=r["kl_weight"], latent_noise=r["latent_noise"],
+                                  seed=seed + 1, device=device, progress=progress)
+        report["vae"]["shift_factor"], report["vae"]["scaling_factor"] = calibrate_latent_scale(
+            pipe.vae, images[:4096], device=device)
+    else:
+        pipe = load_pipeline(init_from).to(device)
+        r = {**r, "continues": read_defaults(init_from).get("pretrain")}
+        report["recipe"] = r
+        report["vae"] = {"from": str(init_from)}
     pipe.vae.requires_grad_(False)
     # VAE check: reconstructions should keep shapes and colours (adherence ~ the originals')
     val_images, val_captions, _ = render_dataset(256, seed + 1000, p_second=r["p_second"],

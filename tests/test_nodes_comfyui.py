@@ -1,0 +1,323 @@
+"""The node pack inside real ComfyUI ($COMFYUI_PATH), on the CPU, with tiny models: the pack loads
+through ComfyUI's own custom-node loader, the sampler reproduces Euler and the library step, the LoRA
+loader checks and patches, the diversity and entropy nodes score what the library scores."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import tiny_models as tm
+import torch
+
+from comfy_pec.diversity import vendi_score
+from comfy_pec.flow_sampler import noise_generator
+from comfy_pec.lora_format import save_lora
+from comfy_pec.sde import flow_sde_step
+
+pytestmark = pytest.mark.comfyui
+
+REPO = Path(__file__).resolve().parents[1]
+PEC_IDS = ["PECLoraLoader", "PECLoraLoaderModelOnly", "PECFlowSDESampler", "PECPerceptualEncoderLoader",
+           "PECBatchDiversity", "PECSelectDiverse", "PECPerceptualEntropy"]
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    """ComfyUI imported from $COMFYUI_PATH on the CPU, its folders in a temp dir, the pack loaded by
+    ComfyUI's custom-node loader from a link named like a ComfyUI-Manager install."""
+    sys.path.insert(0, os.environ["COMFYUI_PATH"])
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True  # before comfy.model_management is imported: no CUDA here
+    import comfy.model_sampling
+    import comfy.sample
+    import comfy.samplers
+    import comfy.sd
+    import folder_paths
+    import nodes
+
+    base = tmp_path_factory.mktemp("comfy")
+    for kind in ("temp", "output", "input"):
+        (base / kind).mkdir()
+    folder_paths.set_temp_directory(str(base / "temp"))
+    folder_paths.set_output_directory(str(base / "output"))
+    (base / "loras").mkdir()
+    folder_paths.add_model_folder_path("loras", str(base / "loras"), is_default=True)
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "ComfyUI-PEC").symlink_to(REPO, target_is_directory=True)
+    assert asyncio.run(nodes.load_custom_node(str(base / "custom_nodes" / "ComfyUI-PEC")))
+    return comfy, nodes, folder_paths, base
+
+
+@pytest.fixture(scope="module")
+def sd3(comfy):
+    """A tiny SD3 ModelPatcher, conditioning for it, and an empty latent."""
+    comfy_mod = comfy[0]
+    model = comfy_mod.sd.load_diffusion_model_state_dict(tm.tiny_sd3_transformer().state_dict(),
+                                                         model_options={"dtype": torch.float32})
+    gen = torch.Generator().manual_seed(0)
+    cond = [[torch.randn(1, 8, 32, generator=gen), {"pooled_output": torch.randn(1, 32, generator=gen)}]]
+    return model, cond, torch.zeros(2, 16, 8, 8)
+
+
+def node(comfy, node_id):
+    return comfy[1].NODE_CLASS_MAPPINGS[node_id]
+
+
+def run(comfy, node_id, **inputs):
+    """Execute a node the way ComfyUI's executor does for a V3 node (outputs as a tuple)."""
+    return tuple(node(comfy, node_id).execute(**inputs).args)
+
+
+def pec_sampler(comfy, noise_level, **window):
+    settings = dict(method="flow_sde", noise_level=noise_level, window="all", window_start=0, window_count=2,
+                    sigma_high=1.0, sigma_low=0.0) | window
+    return run(comfy, "PECFlowSDESampler", **settings)[0]
+
+
+def sample(comfy, sd3, sampler, sigmas, seed=5, callback=None):
+    model, cond, latent = sd3
+    noise = comfy[0].sample.prepare_noise(latent, seed)
+    return comfy[0].sample.sample_custom(model, noise, 1.0, sampler, sigmas, cond, cond, latent, seed=seed,
+                                         callback=callback, disable_pbar=True)
+
+
+def test_pack_loads_as_v3_nodes_and_lists_every_node(comfy):
+    from comfy_api.latest import io
+
+    for node_id in PEC_IDS:
+        cls = node(comfy, node_id)
+        assert issubclass(cls, io.ComfyNode)
+        info = cls.GET_NODE_INFO_V1()  # what /object_info serves
+        assert info["name"] == node_id and info["category"].startswith("PEC/")
+    assert comfy[1].NODE_DISPLAY_NAME_MAPPINGS["PECFlowSDESampler"] == "PEC Flow SDE Sampler"
+
+
+def test_noise_level_zero_reproduces_comfyuis_euler(comfy, sd3):
+    sigmas = comfy[0].samplers.calculate_sigmas(sd3[0].get_model_object("model_sampling"), "simple", 6)
+    ours = sample(comfy, sd3, pec_sampler(comfy, 0.0), sigmas)
+    euler = sample(comfy, sd3, comfy[0].samplers.sampler_object("euler"), sigmas)
+    assert (ours - euler).abs().max() <= 1e-5
+
+
+def test_same_seed_same_latents_and_first_step_is_flow_sde_step(comfy, sd3):
+    sigmas = comfy[0].samplers.calculate_sigmas(sd3[0].get_model_object("model_sampling"), "simple", 4)
+    seen = {}
+    sampler = pec_sampler(comfy, 0.7)
+    a = sample(comfy, sd3, sampler, sigmas, callback=lambda i, den, x, total: seen.setdefault(i, (den, x)))
+    b = sample(comfy, sd3, sampler, sigmas)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, sample(comfy, sd3, sampler, sigmas, seed=6))
+    (den0, x0), (_, x1) = seen[0], seen[1]
+    v0 = (x0 - den0) / sigmas[0]
+    noise = torch.randn(x0.shape, generator=noise_generator(5))
+    expected = flow_sde_step(x0, v0, sigmas[0], sigmas[1], 0.7, noise=noise).x_next
+    assert torch.allclose(x1, expected, atol=1e-6)
+
+
+def test_sampler_refuses_a_model_that_is_not_a_flow_model(comfy, sd3):
+    model_sampling = comfy[0].model_sampling
+
+    class EpsSampling(model_sampling.ModelSamplingDiscrete, model_sampling.EPS):
+        pass
+
+    eps_model = sd3[0].clone()
+    eps_model.add_object_patch("model_sampling", EpsSampling())
+    sigmas = torch.tensor([1.0, 0.5, 0.0])
+    with pytest.raises(Exception, match="needs a flow-matching model"):
+        sample(comfy, (eps_model, *sd3[1:]), pec_sampler(comfy, 0.7), sigmas)
+
+
+@pytest.fixture(scope="module")
+def loras(comfy):
+    """In the loras folder: an SD3 PEC LoRA on two attention projections (+ one module the model lacks),
+    the same declared for FLUX, and a file that is no LoRA."""
+    folder = comfy[3] / "loras"
+    gen = torch.Generator().manual_seed(1)
+    tensors = {}
+    for module in ("transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.to_k", "not_in_model.proj"):
+        tensors[f"transformer.{module}.lora_A.weight"] = torch.randn(2, 128, generator=gen)
+        tensors[f"transformer.{module}.lora_B.weight"] = torch.randn(128, 2, generator=gen)
+    provenance = {"method": "pec", "beta": 0.05}
+    save_lora(tensors, folder / "pec_sd3.safetensors", alpha=2, dtype=torch.float32, architecture="sd3",
+              provenance=provenance, base_model="tiny/sd3")
+    save_lora(tensors, folder / "pec_flux.safetensors", alpha=2, dtype=torch.float32, architecture="flux")
+    (folder / "notes.safetensors").write_text("this is not a LoRA")
+
+
+def test_lora_loader_checks_reports_and_patches(comfy, sd3, loras):
+    model = sd3[0]
+    patched, summary = run(comfy, "PECLoraLoaderModelOnly", model=model, lora_name="pec_sd3.safetensors",
+                           strength_model=1.0, allow_mismatch=False)
+    assert "2 of 3 modules matched" in summary and "β=0.05" in summary and "tiny/sd3" in summary
+    # Both matched modules patch a slice of ComfyUI's fused qkv weights (test_lora_format checks the values).
+    assert sorted(patched.patches) == [f"diffusion_model.joint_blocks.{i}.x_block.attn.qkv.weight" for i in (0, 1)]
+    with pytest.raises(Exception, match="for FLUX models but the model is sd3"):
+        run(comfy, "PECLoraLoaderModelOnly", model=model, lora_name="pec_flux.safetensors", strength_model=1.0,
+            allow_mismatch=False)
+    _, summary = run(comfy, "PECLoraLoaderModelOnly", model=model, lora_name="pec_flux.safetensors",
+                     strength_model=1.0, allow_mismatch=True)
+    assert "WARNING" in summary
+    with pytest.raises(Exception, match="notes.safetensors: not a safetensors file") as err:
+        run(comfy, "PECLoraLoaderModelOnly", model=model, lora_name="notes.safetensors", strength_model=1.0,
+            allow_mismatch=False)
+    assert "\n" not in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def encoder(comfy):
+    (encoder,) = run(comfy, "PECPerceptualEncoderLoader", model="toy (embedded)", encoder_type="auto")
+    return encoder
+
+
+def test_diversity_node_scores_like_the_library_and_shows_a_heatmap(comfy, encoder):
+    images = torch.rand(5, 32, 32, 3, generator=torch.Generator().manual_seed(4))
+    output = node(comfy, "PECBatchDiversity").execute(images=[images], encoder=[encoder], q=[1.0], group_size=[0])
+    vendi, _, _, report, heatmap = output.args
+    assert vendi == pytest.approx(float(vendi_score(encoder(images))), rel=1e-5)
+    assert heatmap.shape[0] == 1 and "Vendi (q=1)" in report
+    assert output.ui["images"] and output.ui["text"] == (report,)
+    one = node(comfy, "PECBatchDiversity").execute(images=[images[:1]], encoder=[encoder], q=[1.0], group_size=[0])
+    assert one.args[0] == 1.0 and "note: one image" in one.args[3]
+    picked, indices, _ = node(comfy, "PECSelectDiverse").execute(images=[images], encoder=[encoder], k=[2], q=[1.0]).args
+    assert picked.shape == (2, 32, 32, 3) and len(indices.split(",")) == 2
+
+
+def test_perceptual_entropy_node_probes_one_step(comfy, sd3, encoder):
+    model, cond, latent = sd3
+    guider = comfy[0].samplers.CFGGuider(model)
+    guider.set_conds(cond, cond)
+    guider.set_cfg(1.0)
+
+    class TinyVae:  # decodes the first three latent channels to an image (the node only calls decode)
+        def decode(self, samples):
+            return torch.sigmoid(samples[:, :3]).movedim(1, -1)
+
+    sigmas = comfy[0].samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 6)
+    entropy, energy, vendi, report, draws = run(
+        comfy, "PECPerceptualEntropy", guider=guider, sigmas=sigmas, latent_image={"samples": latent}, noise_seed=3,
+        vae=TinyVae(), encoder=encoder, step=2, method="flow_sde", noise_level=0.7, repeats=4, decode="noisy")
+    assert draws.shape == (4 * 2, 8, 8, 3)
+    assert energy > 0 and 1.0 <= vendi <= 4.0 and "step 2" in report
+    again = run(comfy, "PECPerceptualEntropy", guider=guider, sigmas=sigmas, latent_image={"samples": latent},
+                noise_seed=3, vae=TinyVae(), encoder=encoder, step=2, method="flow_sde", noise_level=0.7, repeats=4,
+                decode="x0")
+    assert again[0] != entropy
+
+
+# ----------------------------------------------------------------------------- headless server
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _get(url: str):
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _run_prompt(url: str, prompt: dict, deadline: float) -> dict:
+    """POST an API-format workflow and poll /history until it finishes; returns its history entry."""
+    body = json.dumps({"prompt": prompt, "client_id": "pec-test"}).encode()
+    request = urllib.request.Request(f"{url}/prompt", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        prompt_id = json.loads(response.read())["prompt_id"]
+    while time.monotonic() < deadline:
+        entry = _get(f"{url}/history/{prompt_id}").get(prompt_id)
+        if entry and entry["status"]["completed"] or entry and entry["status"]["status_str"] == "error":
+            return entry
+        time.sleep(0.5)
+    raise TimeoutError(f"prompt {prompt_id} did not finish")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """ComfyUI's main.py on the CPU on a free port, with a temp base directory holding the pack (linked
+    into custom_nodes), a tiny SD3 diffusion model and two LoRA files; stopped (process group) after."""
+    base = tmp_path_factory.mktemp("headless")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "ComfyUI-PEC").symlink_to(REPO, target_is_directory=True)
+    (base / "models" / "diffusion_models").mkdir(parents=True)
+    (base / "models" / "loras").mkdir()
+    (base / "frontend").mkdir()
+    (base / "frontend" / "index.html").write_text("<html></html>")
+    state = {k: v.contiguous() for k, v in tm.tiny_sd3_transformer().state_dict().items()}
+    safetensors.torch.save_file(state, str(base / "models" / "diffusion_models" / "tiny_sd3.safetensors"))
+    gen = torch.Generator().manual_seed(1)
+    lora = {f"transformer.transformer_blocks.0.attn.to_q.lora_{ab}.weight": torch.randn(*shape, generator=gen)
+            for ab, shape in (("A", (2, 128)), ("B", (128, 2)))}
+    save_lora(lora, base / "models" / "loras" / "tiny.safetensors", alpha=2, dtype=torch.float32, architecture="sd3")
+    (base / "models" / "loras" / "notes.safetensors").write_text("this is not a LoRA")
+    port = _free_port()
+    log = open(base / "comfyui.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
+         str(base), "--front-end-root", str(base / "frontend"), "--disable-auto-launch", "--disable-api-nodes"],
+        cwd=os.environ["COMFYUI_PATH"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 900  # start-up imports torch and every core node: minutes on a busy CPU
+        while True:
+            try:
+                info = _get(f"{url}/object_info")
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("ComfyUI did not start:\n" + (base / "comfyui.log").read_text()[-3000:])
+                time.sleep(1)
+        yield url, info
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+@pytest.mark.slow
+def test_headless_comfyui_lists_the_nodes_and_runs_the_workflows(server):
+    url, info = server
+    assert set(PEC_IDS) <= set(info)
+    assert info["PECBatchDiversity"]["output_node"] and info["PECFlowSDESampler"]["category"] == "PEC/sampling"
+    deadline = time.monotonic() + 600
+
+    demo = json.loads((REPO / "workflows" / "api" / "pec_score_images_demo.json").read_text())
+    entry = _run_prompt(url, demo, deadline)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    report = entry["outputs"]["9"]["text"][0]
+    assert "4 images" in report and "Vendi (q=1)" in report and entry["outputs"]["9"]["images"]
+    assert len(entry["outputs"]["11"]["images"]) == 3
+
+    lora_graph = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd3.safetensors", "weight_dtype": "default"}},
+        "2": {"class_type": "PECLoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": "tiny.safetensors",
+                                                                  "strength_model": 1.0, "allow_mismatch": False}},
+        "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 1]}},
+    }
+    entry = _run_prompt(url, lora_graph, deadline)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert "1 of 1 modules matched" in entry["outputs"]["3"]["text"][0]
+
+    lora_graph["2"]["inputs"]["lora_name"] = "notes.safetensors"
+    entry = _run_prompt(url, lora_graph, deadline)
+    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert entry["status"]["status_str"] == "error" and errors
+    assert errors[0]["node_id"] == "2" and "not a safetensors file" in errors[0]["exception_message"]

@@ -1,0 +1,228 @@
+"""Randomly initialised SD3.5 / FLUX.1 pipelines built from configs, for tests and benchmarks (no download).
+
+Every component is a stock diffusers / transformers class; the tokenizers are built offline (a CLIP
+BPE tokenizer over the embedded world's words, :func:`trainer.toy.model.tokenizer_files`, and a T5
+Unigram tokenizer over the same words plus single letters). :data:`SPECS` holds the real sizes of
+SD3.5-Medium and FLUX.1-dev (the published configs) and tiny ones whose text widths match the tiny
+transformers of the tests. Saved with :func:`save_pipeline`, a pipeline loads back through
+:func:`trainer.backends.load_backend` like a downloaded one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .base import DEFAULTS_FILE
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSpec:
+    """Configs of one pipeline. ``clip`` is CLIP-L (FLUX: the pooled encoder), ``clip_2`` SD3's CLIP-G."""
+
+    family: str
+    transformer: dict[str, Any]
+    vae: dict[str, Any]
+    clip: dict[str, Any]
+    clip_2: Optional[dict[str, Any]]
+    t5: Optional[dict[str, Any]]
+    clip_max_length: int = 77
+    defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _vae(blocks: tuple[int, ...], layers: int, groups: int, scaling: float, shift: float) -> dict[str, Any]:
+    return dict(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=blocks, layers_per_block=layers,
+        down_block_types=("DownEncoderBlock2D",) * len(blocks), up_block_types=("UpDecoderBlock2D",) * len(blocks),
+        norm_num_groups=groups, scaling_factor=scaling, shift_factor=shift, use_quant_conv=False,
+        use_post_quant_conv=False,
+    )  # fmt: skip
+
+
+def _clip(hidden: int, layers: int, heads: int, act: str = "quick_gelu", vocab: int = 49408) -> dict[str, Any]:
+    return dict(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, projection_dim=hidden, hidden_act=act,
+    )  # fmt: skip
+
+
+def _t5(d_model: int, d_ff: int, d_kv: int, heads: int, layers: int, vocab: int = 32128) -> dict[str, Any]:
+    return dict(
+        vocab_size=vocab, d_model=d_model, d_ff=d_ff, d_kv=d_kv, num_heads=heads, num_layers=layers,
+        feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+    )  # fmt: skip
+
+
+_SD3_VAE = _vae((128, 256, 512, 512), 2, 32, scaling=1.5305, shift=0.0609)
+_FLUX_VAE = _vae((128, 256, 512, 512), 2, 32, scaling=0.3611, shift=0.1159)
+_T5_XXL = _t5(4096, 10240, 64, 64, 24)
+# What both tiny pipelines share: a 2x down-sampling 16-channel VAE, a one-layer T5, short texts.
+_TINY = dict(
+    vae=_vae((8, 16), 1, 4, scaling=1.0, shift=0.0),
+    t5=_t5(32, 64, 8, 2, 1, vocab=0),
+    clip_max_length=16,
+    defaults=dict(resolution=32, num_steps=4, eval_num_steps=4, max_sequence_length=8),
+)
+
+#: name -> spec; real sizes as published, tiny ones for CPU tests (32 px images, 16x16 latents).
+SPECS: dict[str, PipelineSpec] = {
+    "sd3.5-medium": PipelineSpec(
+        family="sd3",
+        transformer=dict(
+            sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+            num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+            pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm",
+            dual_attention_layers=tuple(range(13)),
+        ),  # fmt: skip
+        vae=_SD3_VAE,
+        clip=_clip(768, 12, 12),
+        clip_2=_clip(1280, 32, 20, act="gelu"),
+        t5=_T5_XXL,
+    ),
+    "flux.1-dev": PipelineSpec(
+        family="flux",
+        transformer=dict(
+            patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56),
+        ),  # fmt: skip
+        vae=_FLUX_VAE,
+        clip=_clip(768, 12, 12),
+        clip_2=None,
+        t5=_T5_XXL,
+    ),
+    "tiny-sd3.5": PipelineSpec(
+        family="sd3",
+        transformer=dict(
+            sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
+            pos_embed_max_size=8, qk_norm="rms_norm", dual_attention_layers=(0,),
+        ),  # fmt: skip
+        clip=_clip(16, 2, 2, vocab=0),
+        clip_2=_clip(16, 2, 2, vocab=0),
+        **_TINY,
+    ),
+    "tiny-flux": PipelineSpec(
+        family="flux",
+        transformer=dict(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6),
+        ),  # fmt: skip
+        clip=_clip(32, 2, 2, vocab=0),
+        clip_2=None,
+        **_TINY,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+def _words() -> tuple[str, ...]:
+    from trainer.toy.model import VOCABULARY
+
+    return VOCABULARY
+
+
+def clip_tokenizer(max_length: int):
+    """A CLIP BPE tokenizer (one token per world word, bytes otherwise); BOS and EOS are its last ids."""
+    from transformers import CLIPTokenizer
+
+    from trainer.toy.model import tokenizer_files
+
+    vocab, merges = tokenizer_files(_words())
+    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=max_length)
+
+
+def t5_tokenizer(max_length: int = 512):
+    """A T5 (SentencePiece-style Unigram) tokenizer: ids 0-2 are pad, EOS, unknown; then words, letters."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("▁" + w, -1.0) for w in _words()] + [(c, -5.0) for c in "▁abcdefghijklmnopqrstuvwxyz0123456789"]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0,
+        model_max_length=max_length,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- build / save
+
+
+def _text_encoder(cls, config_cls, config: dict[str, Any], tokenizer, device, dtype):
+    """A text encoder whose vocabulary covers ``tokenizer`` (``vocab_size`` 0 = exactly its size)."""
+    size = len(tokenizer)
+    config = dict(config, vocab_size=config["vocab_size"] or size)
+    if config_cls.__name__ == "CLIPTextConfig":
+        # CLIP pools at the EOS token: give the config the tokenizer's ids.
+        eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+        bos = tokenizer.convert_tokens_to_ids(tokenizer.bos_token)
+        config.update(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, max_position_embeddings=tokenizer.model_max_length)
+    return cls(config_cls(**config)).to(device, dtype).eval()
+
+
+def build_pipeline(spec: PipelineSpec | str, seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32):
+    """A randomly initialised pipeline of ``spec`` (a :data:`SPECS` name or a spec); VAE in float32.
+
+    Each module is initialised on ``device`` in float32, then cast, so a real-size model never holds
+    a float32 copy of more than one module.
+    """
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    spec = SPECS[spec] if isinstance(spec, str) else spec
+    torch.manual_seed(seed)
+    with torch.device(device):
+        vae = diffusers.AutoencoderKL(**spec.vae).eval()
+        if spec.family == "sd3":
+            transformer = diffusers.SD3Transformer2DModel(**spec.transformer).to(dtype).eval()
+        else:
+            transformer = diffusers.FluxTransformer2DModel(**spec.transformer).to(dtype).eval()
+        clip_tok = clip_tokenizer(spec.clip_max_length)
+        t5_tok = t5_tokenizer()
+        parts: dict[str, Any] = dict(transformer=transformer, vae=vae, tokenizer=clip_tok)
+        if spec.family == "sd3":
+            parts.update(
+                text_encoder=_text_encoder(CLIPTextModelWithProjection, CLIPTextConfig, spec.clip, clip_tok, device, dtype),
+                text_encoder_2=_text_encoder(CLIPTextModelWithProjection, CLIPTextConfig, spec.clip_2, clip_tok, device, dtype),
+                tokenizer_2=clip_tokenizer(spec.clip_max_length),
+                text_encoder_3=_text_encoder(T5EncoderModel, T5Config, spec.t5, t5_tok, device, dtype) if spec.t5 else None,
+                tokenizer_3=t5_tok if spec.t5 else None,
+                scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+            )  # fmt: skip
+            return diffusers.StableDiffusion3Pipeline(**parts)
+        parts.update(
+            text_encoder=_text_encoder(CLIPTextModel, CLIPTextConfig, spec.clip, clip_tok, device, dtype),
+            text_encoder_2=_text_encoder(T5EncoderModel, T5Config, spec.t5, t5_tok, device, dtype),
+            tokenizer_2=t5_tok,
+            scheduler=diffusers.FlowMatchEulerDiscreteScheduler(
+                use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                max_image_seq_len=4096,
+            ),
+        )  # fmt: skip
+        return diffusers.FluxPipeline(**parts)
+
+
+def save_pipeline(pipe, directory: str | Path, defaults: Optional[dict[str, Any]] = None) -> Path:
+    """``save_pretrained`` (safetensors) plus the CLIP tokenizers' vocab.json / merges.txt and ``pec.json``."""
+    from trainer.toy.model import write_tokenizer_files
+
+    directory = Path(directory)
+    pipe.save_pretrained(directory, safe_serialization=True)
+    for name in ("tokenizer", "tokenizer_2"):
+        if type(getattr(pipe, name, None)).__name__.startswith("CLIPTokenizer"):
+            write_tokenizer_files(directory / name, _words())
+    if defaults:
+        (directory / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2, sort_keys=True) + "\n")
+    return directory

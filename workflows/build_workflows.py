@@ -1,0 +1,331 @@
+"""Write the example workflows in both ComfyUI formats, and their pictures, from one description.
+
+    python workflows/build_workflows.py            # workflows/*.json (UI) and workflows/api/*.json (API)
+    python workflows/build_workflows.py --pictures # also docs/workflow_*.png (needs matplotlib)
+
+Each graph is listed once below as nodes with their inputs (widget values, or links to another node's
+output); the UI format (what ComfyUI's "Load" opens) and the API format (what ``POST /prompt`` takes)
+are both derived from it, so they cannot disagree. The input order of the PEC nodes comes from their
+specs; that of the few ComfyUI core nodes used is in ``CORE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from comfy_pec.nodes.spec import WIDGET_TYPES
+
+# ComfyUI core nodes: inputs (name, type) in ComfyUI's order, outputs (name, type); "SEED" is an INT
+# widget followed by the front end's "control after generate" value.
+CORE = {
+    "UNETLoader": ([("unet_name", "COMBO"), ("weight_dtype", "COMBO")], [("MODEL", "MODEL")]),
+    "DualCLIPLoader": ([("clip_name1", "COMBO"), ("clip_name2", "COMBO"), ("type", "COMBO"), ("device", "COMBO")],
+                       [("CLIP", "CLIP")]),
+    "VAELoader": ([("vae_name", "COMBO")], [("VAE", "VAE")]),
+    "CheckpointLoaderSimple": ([("ckpt_name", "COMBO")], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
+    "CLIPTextEncode": ([("text", "STRING"), ("clip", "CLIP")], [("CONDITIONING", "CONDITIONING")]),
+    "FluxGuidance": ([("conditioning", "CONDITIONING"), ("guidance", "FLOAT")], [("CONDITIONING", "CONDITIONING")]),
+    "BasicGuider": ([("model", "MODEL"), ("conditioning", "CONDITIONING")], [("GUIDER", "GUIDER")]),
+    "CFGGuider": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("cfg", "FLOAT")],
+                  [("GUIDER", "GUIDER")]),
+    "BasicScheduler": ([("model", "MODEL"), ("scheduler", "COMBO"), ("steps", "INT"), ("denoise", "FLOAT")],
+                       [("SIGMAS", "SIGMAS")]),
+    "RandomNoise": ([("noise_seed", "SEED")], [("NOISE", "NOISE")]),
+    "KSamplerSelect": ([("sampler_name", "COMBO")], [("SAMPLER", "SAMPLER")]),
+    "SamplerCustomAdvanced": ([("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"),
+                               ("latent_image", "LATENT")], [("output", "LATENT"), ("denoised_output", "LATENT")]),
+    "EmptySD3LatentImage": ([("width", "INT"), ("height", "INT"), ("batch_size", "INT")], [("LATENT", "LATENT")]),
+    "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
+    "SaveImage": ([("images", "IMAGE"), ("filename_prefix", "STRING")], []),
+    "PreviewImage": ([("images", "IMAGE")], []),
+    "PreviewAny": ([("source", "*")], []),
+    "EmptyImage": ([("width", "INT"), ("height", "INT"), ("batch_size", "INT"), ("color", "INT")], [("IMAGE", "IMAGE")]),
+    "ImageBatch": ([("image1", "IMAGE"), ("image2", "IMAGE")], [("IMAGE", "IMAGE")]),
+}
+
+
+def node_io(class_type: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(inputs, outputs) of a node class as (name, type) lists."""
+    from comfy_pec.nodes.definitions import SPECS
+
+    spec = next((s for s in SPECS if s.node_id == class_type), None)
+    if spec is None:
+        return CORE[class_type]
+    return [(i.name, i.type) for i in spec.inputs], [(o.name, o.type) for o in spec.outputs]
+
+
+def is_widget(kind: str) -> bool:
+    return kind in WIDGET_TYPES or kind == "SEED"
+
+
+@dataclass(frozen=True)
+class Link:
+    node: int
+    slot: int = 0
+
+
+@dataclass
+class Node:
+    id: int
+    class_type: str
+    inputs: dict
+    pos: tuple[int, int]
+    title: str = ""
+
+
+@dataclass
+class Workflow:
+    name: str
+    title: str
+    nodes: list[Node]
+    notes: list[str] = field(default_factory=list)
+
+
+def _height(n_sockets: int, n_widgets: int) -> int:
+    return 36 + 22 * n_sockets + 26 * n_widgets
+
+
+def to_api(workflow: Workflow) -> dict:
+    """The API format: ``{id: {"class_type", "inputs", "_meta"}}``; links are ``[source id, slot]``."""
+    api = {}
+    for node in workflow.nodes:
+        inputs = {k: [str(v.node), v.slot] if isinstance(v, Link) else v for k, v in node.inputs.items()}
+        api[str(node.id)] = {"class_type": node.class_type, "inputs": inputs,
+                             "_meta": {"title": node.title or node.class_type}}
+    return api
+
+
+def to_ui(workflow: Workflow) -> dict:
+    """The UI (LiteGraph) format that ComfyUI's front end saves and loads."""
+    links, ui_nodes = [], []
+    by_id = {n.id: n for n in workflow.nodes}
+    outgoing: dict[tuple[int, int], list[int]] = {}
+    for node in workflow.nodes:
+        for name, _ in node_io(node.class_type)[0]:
+            value = node.inputs.get(name)
+            if isinstance(value, Link):
+                link_id = len(links) + 1
+                source_type = node_io(by_id[value.node].class_type)[1][value.slot][1]
+                target_slot = [n for n, t in node_io(node.class_type)[0] if not is_widget(t)].index(name)
+                links.append([link_id, value.node, value.slot, node.id, target_slot, source_type])
+                outgoing.setdefault((value.node, value.slot), []).append(link_id)
+    link_of = {(link[3], link[4]): link[0] for link in links}
+    for order, node in enumerate(workflow.nodes):
+        inputs, outputs = node_io(node.class_type)
+        sockets = [(n, t) for n, t in inputs if not is_widget(t)]
+        widgets = []
+        for name, kind in inputs:
+            if is_widget(kind):
+                widgets.append(node.inputs[name])
+                if kind == "SEED":
+                    widgets.append("fixed")
+        entry = {
+            "id": node.id, "type": node.class_type, "pos": list(node.pos),
+            "size": [320, _height(max(len(sockets), len(outputs)), len(widgets))],
+            "flags": {}, "order": order, "mode": 0,
+            "inputs": [{"name": n, "type": t, "link": link_of.get((node.id, i))} for i, (n, t) in enumerate(sockets)],
+            "outputs": [{"name": n, "type": t, "links": outgoing.get((node.id, i), []), "slot_index": i}
+                        for i, (n, t) in enumerate(outputs)],
+            "properties": {"Node name for S&R": node.class_type},
+            "widgets_values": widgets,
+        }
+        if node.title:
+            entry["title"] = node.title
+        ui_nodes.append(entry)
+    return {
+        "last_node_id": max(n.id for n in workflow.nodes), "last_link_id": len(links),
+        "nodes": ui_nodes, "links": links, "groups": [], "config": {},
+        "extra": {"pec": {"title": workflow.title, "notes": workflow.notes}}, "version": 0.4,
+    }
+
+
+# ----------------------------------------------------------------------------- the workflows
+
+PROMPT = "a red fox in a snowy forest at dawn, photograph"
+NEGATIVE = "blurry, low quality"
+
+
+def flux_lora_sde() -> Workflow:
+    return Workflow("pec_flux_lora_sde", "FLUX.1-dev + PEC LoRA + PEC Flow SDE Sampler", [
+        Node(1, "UNETLoader", {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}, (0, 0)),
+        Node(2, "DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
+                                   "type": "flux", "device": "default"}, (0, 180)),
+        Node(3, "VAELoader", {"vae_name": "ae.safetensors"}, (0, 400)),
+        Node(4, "PECLoraLoaderModelOnly", {"model": Link(1), "lora_name": "pec_flux_dev_pickscore.safetensors",
+                                           "strength_model": 1.0, "allow_mismatch": False}, (380, 0)),
+        Node(5, "CLIPTextEncode", {"text": PROMPT, "clip": Link(2)}, (380, 220)),
+        Node(6, "FluxGuidance", {"conditioning": Link(5), "guidance": 3.5}, (760, 220)),
+        Node(7, "BasicGuider", {"model": Link(4), "conditioning": Link(6)}, (1140, 0)),
+        Node(8, "BasicScheduler", {"model": Link(4), "scheduler": "simple", "steps": 20, "denoise": 1.0}, (1140, 140)),
+        Node(9, "RandomNoise", {"noise_seed": 42}, (760, 400)),
+        Node(10, "PECFlowSDESampler", {"method": "flow_sde", "noise_level": 0.9, "window": "sigmas",
+                                       "window_start": 0, "window_count": 2, "sigma_high": 1.0, "sigma_low": 0.5},
+             (760, 540)),
+        Node(11, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, (380, 540)),
+        Node(12, "SamplerCustomAdvanced", {"noise": Link(9), "guider": Link(7), "sampler": Link(10),
+                                           "sigmas": Link(8), "latent_image": Link(11)}, (1140, 330)),
+        Node(13, "VAEDecode", {"samples": Link(12), "vae": Link(3)}, (1520, 330)),
+        Node(14, "SaveImage", {"images": Link(13), "filename_prefix": "PEC_flux"}, (1880, 330)),
+        Node(15, "PreviewAny", {"source": Link(4, 1)}, (1520, 0), "LoRA summary"),
+    ], ["Put a PEC LoRA trained on FLUX.1-dev in models/loras.",
+        "The SDE runs while sigma is between 0.5 and 1 (the layout of the image), Euler after."])
+
+
+def _sd35_sampling(first_id: int, model: Link, y: int, seed_node: int) -> list[Node]:
+    """SD3.5 sampling of a batch of 8 from checkpoint node 1 with the prompt nodes 2/3."""
+    i = first_id
+    return [
+        Node(i, "CFGGuider", {"model": model, "positive": Link(2), "negative": Link(3), "cfg": 4.5}, (760, y)),
+        Node(i + 1, "BasicScheduler", {"model": model, "scheduler": "simple", "steps": 28, "denoise": 1.0},
+             (760, y + 170)),
+        Node(i + 2, "SamplerCustomAdvanced", {"noise": Link(seed_node), "guider": Link(i), "sampler": Link(5),
+                                              "sigmas": Link(i + 1), "latent_image": Link(4)}, (1140, y)),
+        Node(i + 3, "VAEDecode", {"samples": Link(i + 2), "vae": Link(1, 2)}, (1520, y)),
+    ]
+
+
+def _sd35_inputs(batch: int) -> list[Node]:
+    return [
+        Node(1, "CheckpointLoaderSimple", {"ckpt_name": "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors"}, (0, 0)),
+        Node(2, "CLIPTextEncode", {"text": PROMPT, "clip": Link(1, 1)}, (380, 0), "positive"),
+        Node(3, "CLIPTextEncode", {"text": NEGATIVE, "clip": Link(1, 1)}, (380, 220), "negative"),
+        Node(4, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": batch}, (0, 200)),
+        Node(5, "KSamplerSelect", {"sampler_name": "euler"}, (0, 380)),
+        Node(6, "RandomNoise", {"noise_seed": 7}, (0, 480)),
+        Node(7, "PECPerceptualEncoderLoader", {"model": "dinov2-small", "encoder_type": "auto"}, (0, 600)),
+    ]
+
+
+def batch_diversity() -> Workflow:
+    nodes = _sd35_inputs(8) + _sd35_sampling(10, Link(1), 0, 6) + [
+        Node(20, "PECBatchDiversity", {"images": Link(13), "encoder": Link(7), "q": 1.0, "group_size": 0}, (1880, 0)),
+        Node(21, "PECSelectDiverse", {"images": Link(13), "encoder": Link(7), "k": 4, "q": 1.0}, (1880, 420)),
+        Node(22, "SaveImage", {"images": Link(21), "filename_prefix": "PEC_diverse4"}, (2240, 420)),
+        Node(23, "PECPerceptualEntropy", {
+            "guider": Link(10), "sigmas": Link(11), "latent_image": Link(4), "noise_seed": 7, "vae": Link(1, 2),
+            "encoder": Link(7), "step": 4, "method": "flow_sde", "noise_level": 0.7, "repeats": 8, "decode": "noisy"},
+            (1140, 420)),
+    ]
+    return Workflow("pec_batch_diversity", "Generate a batch, score its diversity, keep the 4 most diverse", nodes, [
+        "Put facebook/dinov2-small (config.json + weights) in models/pec_encoders/dinov2-small,",
+        "or connect a CLIP Vision Loader to the encoder loader's clip_vision input.",
+        "PEC Perceptual Entropy probes step 4: how far one Flow-SDE step moves the image perceptually."])
+
+
+def lora_on_off() -> Workflow:
+    nodes = _sd35_inputs(8) + [
+        Node(8, "PECLoraLoaderModelOnly", {"model": Link(1), "lora_name": "pec_sd35m_pickscore.safetensors",
+                                           "strength_model": 1.0, "allow_mismatch": False}, (380, 420)),
+        *_sd35_sampling(10, Link(1), 0, 6),
+        *_sd35_sampling(30, Link(8), 560, 6),
+        Node(20, "PECBatchDiversity", {"images": Link(13), "encoder": Link(7), "q": 1.0, "group_size": 0},
+             (1880, 0), "base model"),
+        Node(21, "PECBatchDiversity", {"images": Link(33), "encoder": Link(7), "q": 1.0, "group_size": 0},
+             (1880, 560), "with PEC LoRA"),
+        Node(22, "PreviewImage", {"images": Link(13)}, (2240, 0), "base model"),
+        Node(23, "PreviewImage", {"images": Link(33)}, (2240, 560), "with PEC LoRA"),
+    ]
+    return Workflow("pec_lora_on_off", "The same prompt and seeds with the LoRA off and on, both scored", nodes, [
+        "Both branches share prompt, seed and sampler: the only difference is the LoRA.",
+        "Compare the two Vendi scores (higher = more distinct images among the 8)."])
+
+
+def score_images_demo() -> Workflow:
+    colours = [0xD03030, 0xD03030, 0x30A040, 0x3050D0]
+    nodes = [Node(i + 1, "EmptyImage", {"width": 64, "height": 64, "batch_size": 1, "color": c}, (0, 140 * i))
+             for i, c in enumerate(colours)]
+    nodes += [
+        Node(5, "ImageBatch", {"image1": Link(1), "image2": Link(2)}, (380, 0)),
+        Node(6, "ImageBatch", {"image1": Link(5), "image2": Link(3)}, (380, 140)),
+        Node(7, "ImageBatch", {"image1": Link(6), "image2": Link(4)}, (380, 280)),
+        Node(8, "PECPerceptualEncoderLoader", {"model": "toy (embedded)", "encoder_type": "auto"}, (380, 440)),
+        Node(9, "PECBatchDiversity", {"images": Link(7), "encoder": Link(8), "q": 1.0, "group_size": 0}, (760, 0)),
+        Node(10, "PECSelectDiverse", {"images": Link(7), "encoder": Link(8), "k": 3, "q": 1.0}, (760, 380)),
+        Node(11, "PreviewImage", {"images": Link(10)}, (1140, 380)),
+    ]
+    return Workflow("pec_score_images_demo", "Score a batch without any model download (toy encoder)", nodes, [
+        "Four solid images, two of them the same red: Vendi is below 4 and Select Diverse drops a duplicate."])
+
+
+WORKFLOWS = [flux_lora_sde, batch_diversity, lora_on_off, score_images_demo]
+
+
+# ----------------------------------------------------------------------------- pictures
+
+
+def draw(workflow: Workflow, path: Path) -> None:
+    """A PNG of the graph: nodes as boxes (PEC nodes highlighted) with their widget values, links as curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyBboxPatch, PathPatch
+    from matplotlib.path import Path as CurvePath
+
+    ui = to_ui(workflow)
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    right = max(n["pos"][0] + n["size"][0] for n in ui["nodes"]) + 40
+    bottom = max(n["pos"][1] + n["size"][1] for n in ui["nodes"]) + 40
+    fig, ax = plt.subplots(figsize=(right / 150, bottom / 150), dpi=90)
+    ax.set_xlim(-40, right)
+    ax.set_ylim(bottom, -60)
+    ax.axis("off")
+    ax.set_title(workflow.title, fontsize=11, loc="left")
+
+    def slot_y(node, index):
+        return node["pos"][1] + 34 + 22 * index
+
+    for _, src, src_slot, dst, dst_slot, kind in ui["links"]:
+        a, b = nodes[src], nodes[dst]
+        x0, y0 = a["pos"][0] + a["size"][0], slot_y(a, src_slot)
+        x1, y1 = b["pos"][0], slot_y(b, dst_slot)
+        bend = max(60, (x1 - x0) / 2)
+        curve = CurvePath([(x0, y0), (x0 + bend, y0), (x1 - bend, y1), (x1, y1)],
+                          [CurvePath.MOVETO, CurvePath.CURVE4, CurvePath.CURVE4, CurvePath.CURVE4])
+        ax.add_patch(PathPatch(curve, fill=False, lw=1.2, color="#7a8fa6", alpha=0.8))
+    for node in ui["nodes"]:
+        x, y = node["pos"]
+        w, h = node["size"]
+        pec = node["type"].startswith("PEC")
+        ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0,rounding_size=8",
+                                    fc="#efe6ff" if pec else "#f2f2f2", ec="#6b3fb3" if pec else "#888", lw=1.2))
+        ax.text(x + 8, y + 16, node.get("title", node["type"]), fontsize=7.5, weight="bold", va="center")
+        for i, slot in enumerate(node["inputs"]):
+            ax.text(x + 8, slot_y(node, i), "• " + slot["name"], fontsize=6, va="center", color="#333")
+        for i, slot in enumerate(node["outputs"]):
+            ax.text(x + w - 8, slot_y(node, i), slot["name"] + " •", fontsize=6, va="center", ha="right", color="#333")
+        rows = max(len(node["inputs"]), len(node["outputs"]))
+        names = [n for n, t in node_io(node["type"])[0] if is_widget(t)]
+        for i, (name, value) in enumerate(zip(names, (v for v in node["widgets_values"] if v != "fixed"))):
+            text = f"{name}: {value}"
+            text = text if len(text) < 44 else text[:41] + "..."
+            ax.text(x + 8, y + 40 + 22 * rows + 26 * i, text, fontsize=6, va="center", color="#555", family="monospace")
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pictures", action="store_true", help="also draw docs/workflow_<name>.png")
+    args = parser.parse_args()
+    folder = ROOT / "workflows"
+    (folder / "api").mkdir(exist_ok=True)
+    for make in WORKFLOWS:
+        workflow = make()
+        (folder / f"{workflow.name}.json").write_text(json.dumps(to_ui(workflow), indent=1) + "\n")
+        (folder / "api" / f"{workflow.name}.json").write_text(json.dumps(to_api(workflow), indent=1) + "\n")
+        if args.pictures:
+            (ROOT / "docs").mkdir(exist_ok=True)
+            draw(workflow, ROOT / "docs" / f"workflow_{workflow.name}.png")
+        print(workflow.name)
+
+
+if __name__ == "__main__":
+    main()
