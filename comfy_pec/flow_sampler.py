@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from . import PECError
-from .sde import StepResult, cps_step, flow_sde_step, ode_step
+from .sde import StepResult, cps_step, flow_sde_step, ode_step, window_all
 
 __all__ = ["METHODS", "WINDOW_MODES", "StepProbe", "noise_generator", "probe_step", "sample_flow", "sde_window"]
 
@@ -52,7 +52,7 @@ def sde_window(
     if num_steps < 1:
         raise PECError(f"need at least 2 sigmas (one step), got {len(sigmas)}")
     if mode == "all":
-        mask = torch.ones(num_steps, dtype=torch.bool)
+        return window_all(num_steps)
     elif mode == "steps":
         if start < 0 or count < 0:
             raise PECError(f"SDE window start and count must be >= 0, got start={start} count={count}")

@@ -260,6 +260,8 @@ def pretrain(out_dir: str | Path, *, save_dtype: torch.dtype = torch.float16,
     if unknown:
         raise TypeError(f"unknown pre-training settings {sorted(unknown)}")
     r = {**PRETRAIN_DEFAULTS, **overrides}
+    if init_from is not None:
+        r["continues"] = read_defaults(init_from).get("pretrain")
     seed = int(r["seed"])
     report: dict = {"recipe": r, "time_s": {}}
     clock = time.perf_counter()
@@ -284,8 +286,6 @@ def pretrain(out_dir: str | Path, *, save_dtype: torch.dtype = torch.float16,
             pipe.vae, images[:4096], device=device)
     else:
         pipe = load_pipeline(init_from).to(device)
-        r = {**r, "continues": read_defaults(init_from).get("pretrain")}
-        report["recipe"] = r
         report["vae"] = {"from": str(init_from)}
     pipe.vae.requires_grad_(False)
     # VAE check: reconstructions should keep shapes and colours (adherence ~ the originals')
