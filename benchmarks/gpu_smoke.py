@@ -74,19 +74,17 @@ def save_reward_models(folder: Path, tiny: bool) -> tuple[Path, Path]:
     return pickscore, dinov2
 
 
-def run_model(name: str, args, folder: Path, reward_dir: Path, encoder_dir: Path) -> None:
-    from trainer.backends.flux import FluxBackend
-    from trainer.backends.random_init import SPECS, build_pipeline
-    from trainer.backends.sd3 import SD3Backend
+def model_config(name: str, args, folder: Path, reward_dir: Path, encoder_dir: Path, overrides=()):
+    """The family's preset with the benchmark's prompts, group, resolution and saved reward / encoder models.
+
+    ``overrides``: ``section.key=value`` strings on top (as ``pec train --set``).
+    """
     from trainer.config import load_config
-    from trainer.runlog import read_log
-    from trainer.train import train
 
     device = "cpu" if args.tiny else "cuda"
-    dtype = torch.float32 if args.tiny else torch.bfloat16
-    spec = SPECS[TINY_SPECS[name] if args.tiny else name]
+    dtype = "float32" if args.tiny else "bfloat16"
     settings = {
-        "model": {"path": f"random-init/{name}", "device": device, "dtype": str(dtype).removeprefix("torch.")},
+        "model": {"path": f"random-init/{name}", "device": device, "dtype": dtype},
         "rewards": [{"name": "pickscore", "path": str(reward_dir)}],
         "pec": {"encoder": args.encoder, "encoder_path": str(reward_dir if args.encoder == "pickscore" else encoder_dir)},
         "prompts": {"train": PROMPTS[: args.prompts], "eval": PROMPTS[:1]},
@@ -101,18 +99,36 @@ def run_model(name: str, args, folder: Path, reward_dir: Path, encoder_dir: Path
         settings["lora"] = {"rank": 4, "alpha": 8}
     file = folder / f"{name}.yaml"
     file.write_text(yaml.safe_dump(settings))
-    config = load_config(PRESETS[name], str(file))
-    m = config.model
+    return load_config(PRESETS[name], str(file), list(overrides))
 
+
+def build_backend(name: str, config, args):
+    """The random-init pipeline of ``name`` (tiny with ``--tiny``) as the config's backend; ``(backend, spec)``."""
+    from trainer.backends.flux import FluxBackend
+    from trainer.backends.random_init import SPECS, build_pipeline
+    from trainer.backends.sd3 import SD3Backend
+
+    m = config.model
+    spec = SPECS[TINY_SPECS[name] if args.tiny else name]
     if spec.family == "sd3" and not m.use_t5:
         spec = dataclasses.replace(spec, t5=None)  # as the SD3 backend loads it: no T5 unless asked for
-    clock = time.perf_counter()
-    pipe = build_pipeline(spec, device=device, dtype=dtype)
+    pipe = build_pipeline(spec, device=m.device, dtype=getattr(torch, m.dtype))
     backend_cls = SD3Backend if spec.family == "sd3" else FluxBackend
     backend = backend_cls.wrap(
-        pipe, device, {**spec.defaults, "resolution": args.resolution}, source=m.path, prompt_cache=m.prompt_cache,
+        pipe, m.device, {**spec.defaults, "resolution": args.resolution}, source=m.path, prompt_cache=m.prompt_cache,
         offload_text_encoders=m.offload_text_encoders, gradient_checkpointing=m.gradient_checkpointing,
     )  # fmt: skip
+    return backend, spec
+
+
+def run_model(name: str, args, folder: Path, reward_dir: Path, encoder_dir: Path) -> None:
+    from trainer.runlog import read_log
+    from trainer.train import train
+
+    config = model_config(name, args, folder, reward_dir, encoder_dir)
+    device, dtype = config.model.device, config.model.dtype
+    clock = time.perf_counter()
+    backend, spec = build_backend(name, config, args)
     built = time.perf_counter() - clock
     params = sum(p.numel() for p in backend.transformer.parameters()) / 1e6
     if device == "cuda":
@@ -133,27 +149,41 @@ def run_model(name: str, args, folder: Path, reward_dir: Path, encoder_dir: Path
         print(f"   peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB allocated, "
               f"{torch.cuda.max_memory_reserved() / 2**30:.1f} GiB reserved (of "
               f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)")  # fmt: skip
-    del backend, pipe
+    del backend
     if device == "cuda":
         torch.cuda.empty_cache()
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=[*PRESETS, "both"], default="both")
+def add_size_arguments(parser: argparse.ArgumentParser, default_group: int) -> None:
+    """The options of the benchmarks at real sizes: --tiny, resolution, prompts, group, micro-batch, encoder."""
     parser.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU (tests the script)")
     parser.add_argument("--resolution", type=int, default=None, help="default 512 (32 with --tiny)")
     parser.add_argument("--prompts", type=int, default=1, choices=[1, 2], help="prompt groups per iteration")
-    parser.add_argument("--group", type=int, default=None, help="samples per prompt (default 8, 2 with --tiny)")
+    parser.add_argument("--group", type=int, default=None, help=f"samples per prompt (default {default_group}, 2 with --tiny)")
     parser.add_argument("--batch", type=int, default=None, help="micro-batch (default: the group size)")
     parser.add_argument("--encoder", choices=["dinov2", "pickscore"], default="dinov2")
+    parser.set_defaults(full_size_group=default_group)
+
+
+def parse_sizes(parser: argparse.ArgumentParser, argv):
+    """Parsed arguments with the size defaults filled in, and torch seeded; None (said why) without CUDA unless --tiny."""
     args = parser.parse_args(argv)
     args.resolution = args.resolution or (32 if args.tiny else 512)
-    args.group = args.group or (2 if args.tiny else 8)
+    args.group = args.group or (2 if args.tiny else args.full_size_group)
     if not args.tiny and not torch.cuda.is_available():
-        print("gpu_smoke: no CUDA device here; run it on a GPU machine, or with --tiny for a CPU check of the script.")
-        return 2
+        print(f"{parser.prog}: no CUDA device here; run it on a GPU machine, or with --tiny for a CPU check of the script.")
+        return None
     torch.manual_seed(0)
+    return args
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog=Path(__file__).stem, description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=[*PRESETS, "both"], default="both")
+    add_size_arguments(parser, default_group=8)
+    args = parse_sizes(parser, argv)
+    if args is None:
+        return 2
     names = list(PRESETS) if args.model == "both" else [args.model]
     with tempfile.TemporaryDirectory(prefix="pec-gpu-smoke-") as tmp:
         folder = Path(tmp)

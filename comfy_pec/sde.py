@@ -45,6 +45,10 @@ __all__ = [
     "window_sliding",
     "sample_window_start",
     "stochastic_steps",
+    "MergedStep",
+    "flow_sde_stds",
+    "egrpo_merge_steps",
+    "egrpo_schedule",
 ]
 
 
@@ -330,7 +334,7 @@ def stochastic_steps(
 ) -> torch.Tensor:
     """Dispatch on the config's window ``rule``: ``all`` | ``window`` | ``sliding`` → bool [num_steps].
 
-    (``egrpo`` merges steps and so changes the schedule itself; it lives with E-GRPO.)
+    (``egrpo`` merges steps and so changes the schedule itself: :func:`egrpo_merge_steps`.)
     """
     if rule == "all":
         return window_all(num_steps)
@@ -339,3 +343,84 @@ def stochastic_steps(
     if rule == "sliding":
         return window_sliding(num_steps, size, iteration, shift_every, stride)
     raise PECError(f"unknown window rule {rule!r}; expected 'all', 'window' or 'sliding'")
+
+
+# --------------------------------------------------------------------------------------------------
+# E-GRPO (DESIGN §6): entropy-adaptive merging of low-entropy steps into one SDE jump
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MergedStep:
+    """One E-GRPO jump: steps ``start … start+length-1`` replaced by one SDE step σ_start → σ_{start+length}.
+
+    Attributes:
+        start: index of the first replaced step in the unmerged schedule.
+        length: number of replaced steps ``m`` (1 = a high-entropy step kept as it is).
+        std: ``sqrt(Σ std_k²)`` over the replaced steps — the jump injects their total noise variance.
+    """
+
+    start: int
+    length: int
+    std: float
+
+
+def flow_sde_stds(sigmas: torch.Tensor, noise_level: float) -> torch.Tensor:
+    """``std_step`` of every Flow-SDE step of a schedule (``sigmas`` [N+1]) → float32 ``[N]``.
+
+    The step's std does not depend on x or v, so it is read off :func:`flow_sde_step` on a zero latent
+    (σ = 1 uses ``σ_1 = sigmas[1]`` as the sampler does).
+    """
+    zero = torch.zeros(1)
+    sigma_1 = float(sigmas[1])
+    return torch.stack([
+        flow_sde_step(zero, zero, float(sigmas[i]), float(sigmas[i + 1]), noise_level, noise=zero, sigma_1=sigma_1).std
+        for i in range(len(sigmas) - 1)
+    ]).reshape(-1)  # fmt: skip
+
+
+def egrpo_merge_steps(stds: torch.Tensor, tau: float) -> list[MergedStep]:
+    """E-GRPO's merge rule on the per-step stds ``[N]`` of a schedule (the last step is never trained).
+
+    Per-dimension step entropy ``h = ½·log(2πe·std²)`` (:func:`step_entropy` with ``dim = 1``).
+    Walking from the noisiest step, steps ``k … k+m-1`` become one jump with ``m`` the smallest
+    length whose merged std ``sqrt(Σ std²)`` reaches ``h ≥ τ`` — so a step that reaches τ on its own
+    stays single, and low-entropy steps are merged just enough. A trailing run that cannot reach τ
+    before the last trainable step stays ODE (late low-entropy steps carry little reward signal).
+    Returns the jumps in schedule order (possibly empty when τ is out of reach).
+
+    τ is in nats per latent dimension. The trainer's default τ = 0.5 (``sampling.window.tau``) was
+    calibrated on the embedded model's schedule (10 steps, shift 1, a = 0.7; h = 1.06, 1.01, 0.60,
+    0.33, 0.11, -0.09 … -1.19): jumps (0), (1), (2), (3, 4) — the noisy half of the trajectory is
+    trained, as E-GRPO recommends. E-GRPO's published τ ≈ 2.2 uses other units.
+    """
+    jumps: list[MergedStep] = []
+    trainable = len(stds) - 1
+    k = 0
+    while k < trainable:
+        variance = 0.0
+        for m in range(1, trainable - k + 1):
+            variance += float(stds[k + m - 1]) ** 2
+            if float(step_entropy(math.sqrt(variance), 1)) >= tau:
+                jumps.append(MergedStep(k, m, math.sqrt(variance)))
+                break
+        else:
+            return jumps
+        k += m
+    return jumps
+
+
+def egrpo_schedule(sigmas: torch.Tensor, jump: MergedStep, noise_level: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The schedule of an E-GRPO rollout that trains ``jump``: ODE everywhere but the merged SDE jump.
+
+    Returns ``(sigmas [N+2-m], stochastic bool [N+1-m], noise levels [N+1-m])``: the jump's interior
+    sigmas are removed, and its Flow-SDE noise level ``a' = jump.std / std(a = 1)`` (std_step is linear
+    in ``a``) makes its std ``sqrt(Σ std_k²)``; the other entries keep ``noise_level`` (unused: ODE).
+    """
+    merged = torch.cat([sigmas[: jump.start + 1], sigmas[jump.start + jump.length :]])
+    stochastic = torch.zeros(len(merged) - 1, dtype=torch.bool)
+    stochastic[jump.start] = True
+    unit_std = float(flow_sde_stds(merged, 1.0)[jump.start])
+    levels = torch.full((len(merged) - 1,), float(noise_level))
+    levels[jump.start] = jump.std / unit_std
+    return merged, stochastic, levels

@@ -85,6 +85,8 @@ def _run_training(config, resume: bool) -> int:
 
     start = time.perf_counter()
     run_dir = train(config, resume=resume)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under accelerate launch, rank 0 tells
     minutes = (time.perf_counter() - start) / 60
     lora = run_dir / "lora.safetensors"
     print(f"done in {minutes:.1f} min (wall time)")

@@ -54,7 +54,8 @@ class ModelConfig(_Section):
     gradient_checkpointing: bool = Field(False, description="recompute transformer activations in the backward pass")
     prompt_cache: int = Field(0, ge=0, description="prompts whose text embeddings are kept on the CPU (0 = off)")
     offload_text_encoders: bool = Field(False, description="keep text encoders on the CPU between encodes")
-    device: str = Field("auto", description="'auto' = cuda when available, else cpu")
+    device: str = Field("auto", description="'auto' = cuda when available (this rank's GPU under accelerate), else cpu")
+    compile: bool = Field(False, description="torch.compile the transformer's forward (the first iterations compile)")
 
     @model_validator(mode="after")
     def _single_file_rules(self) -> "ModelConfig":
@@ -76,12 +77,25 @@ class ModelConfig(_Section):
 class WindowConfig(_Section):
     """Which sampling steps are stochastic and trained (DESIGN §3 windows)."""
 
-    rule: Literal["all", "window", "sliding"] = "all"
+    rule: Literal["all", "window", "sliding", "egrpo"] = Field(
+        "all",
+        description="all: every step SDE; window: `size` SDE steps from a drawn start (Flow-GRPO-Fast); sliding: "
+        "MixGRPO's window moving to low noise every `shift_every` iterations; egrpo: E-GRPO's merged jumps, one "
+        "per iteration in turn, ODE elsewhere, each group sharing its initial noise and ODE prefix",
+    )
     size: int = Field(2, ge=1, description="number of SDE steps (window / sliding)")
     start_min: int = Field(0, ge=0, description="window: earliest start step")
     start_max: int = Field(0, ge=0, description="window: latest start step (drawn per iteration)")
     shift_every: int = Field(25, ge=1, description="sliding: iterations between moves")
     stride: int = Field(1, ge=1, description="sliding: steps moved each time")
+    tau: float = Field(
+        0.5,
+        description="egrpo: entropy threshold τ in nats per latent dimension, h = ½·log(2πe·std_step²); steps below "
+        "it are merged until the merged jump reaches it, a tail that cannot stays ODE. 0.5 is calibrated on the "
+        "embedded model (10 steps, shift 1, a=0.7: h = 1.06 … -1.19): the three noisiest steps stay single, steps "
+        "3-4 merge, the five steps with h < 0 stay ODE (SD3 shift 3: 4 single steps + two 2-step merges). "
+        "E-GRPO's published τ≈2.2 is in other units",
+    )
 
 
 class SamplingConfig(_Section):
@@ -112,6 +126,31 @@ class EmaConfig(_Section):
     decay: float = Field(0.9, gt=0, lt=1)
 
 
+class EntropyRegConfig(_Section):
+    """Entropy regularisation (DESIGN §6): loss − β_H·mean(e_θ), e_θ a sample-based entropy estimate."""
+
+    kind: Literal["none", "native", "perceptual"] = Field(
+        "none",
+        description="native: e_θ = ||x' - μ_θ||²/(2 std²) per latent element; perceptual: "
+        "||g(x') - g(μ_θ)||²/(2 std²) in pec.encoder's space, gradient through the VAE decoder and encoder",
+    )
+    beta: float = Field(0.01, ge=0, description="β_H")
+    chunk_size: int = Field(4, ge=1, description="perceptual: samples decoded and encoded with gradient at a time")
+
+
+class CovConfig(_Section):
+    """Clip-Cov / KL-Cov (DESIGN §6, App. C): act on the transitions of highest cov = (log p - mean)(A - mean)."""
+
+    kind: Literal["none", "clip_cov", "kl_cov"] = Field(
+        "none", description="clip_cov: detach the selected transitions; kl_cov: add kl_beta·KL(θ‖old) on them"
+    )
+    space: Literal["native", "perceptual"] = Field(
+        "native", description="rank by the policy's log p_θ (native) or by the perceptual log p_A = -h_A"
+    )
+    fraction: float = Field(0.25, gt=0, le=1, description="selected top fraction per step and micro-batch")
+    kl_beta: float = Field(1.0, gt=0, description="kl_cov: β_cov")
+
+
 class TrainConfig(_Section):
     """The GRPO loop (DESIGN §4)."""
 
@@ -131,6 +170,8 @@ class TrainConfig(_Section):
     kl_beta: float = Field(0.0, ge=0)
     kl_flow_grpo_compat: bool = Field(False, description="divide the KL by s² like Flow-GRPO (a factor Δ off)")
     log_prob_reduction: Literal["mean", "sum"] = "mean"
+    entropy_reg: EntropyRegConfig = EntropyRegConfig()
+    cov: CovConfig = CovConfig()
     ema: EmaConfig = EmaConfig()
     seed: int = 0
     nan_patience: int = Field(3, ge=1, description="stop after this many iterations in a row with NaN rewards")
@@ -158,6 +199,24 @@ class PecConfig(_Section):
     chunk_size: int = Field(32, ge=1, description="images per decode/encode chunk")
 
 
+class DriftConfig(_Section):
+    """DRIFT (DESIGN §6), each part on its own switch; all off by default."""
+
+    subset: bool = Field(False, description="(i) drop each group's reward outliers before normalising")
+    subset_threshold: float = Field(
+        2.0, gt=0, description="(i) keep |r - median| <= threshold · 1.4826 · MAD (robust std) of the group"
+    )
+    prompt_noise: float = Field(
+        0.0, ge=0, description="(ii) std of the Gaussian noise on prompt embeddings, relative to their RMS (0 = off)"
+    )
+    prompt_noise_anneal: Optional[int] = Field(
+        None, ge=1, description="(ii) iterations over which the noise decays linearly to 0; null = train.iterations"
+    )
+    diversity_alpha: float = Field(
+        0.0, ge=0, description="(iii) α of r̃ = r + α·y·d̂ (in-group task-reward z-score × distinctness; 0 = off)"
+    )
+
+
 class PromptsConfig(_Section):
     train: Union[str, list[str]] = Field("toy-train", description="a preset name, a text file, or a list")
     eval: Union[str, list[str]] = Field("toy-heldout", description="prompts for before/after grids")
@@ -174,10 +233,29 @@ class ReportConfig(_Section):
     diversity_every: int = Field(1, ge=1)
 
 
+class FsdpConfig(_Section):
+    """FSDP for models too large to replicate per GPU (FLUX): full sharding, one unit per transformer block."""
+
+    enabled: bool = Field(False, description="shard the transformer over the processes (needs accelerate launch)")
+    activation_checkpointing: bool = Field(True, description="recompute each transformer block in the backward pass")
+
+
+class DistributedConfig(_Section):
+    """Several processes started by ``accelerate launch`` (DDP by default; multi-node through accelerate)."""
+
+    sampler: Literal["auto", "contiguous", "k_repeat"] = Field(
+        "auto",
+        description="contiguous: each rank draws whole groups (needs group_size | samples per rank); k_repeat: "
+        "sample i on rank i mod processes, groups spread over ranks; auto: contiguous when possible",
+    )
+    fsdp: FsdpConfig = FsdpConfig()
+
+
 class RunConfig(_Section):
     dir: str = "runs/default"
     tensorboard: Literal["auto", "on", "off"] = "auto"
     progress: bool = True
+    log_advantages: bool = Field(False, description="also write each iteration's advantages [N] to log.jsonl")
 
 
 class Config(_Section):
@@ -187,9 +265,11 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     rewards: list[RewardTerm] = Field(default_factory=lambda: [RewardTerm(name="toy_preference")])
     pec: PecConfig = PecConfig()
+    drift: DriftConfig = DriftConfig()
     prompts: PromptsConfig = PromptsConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     report: ReportConfig = ReportConfig()
+    distributed: DistributedConfig = DistributedConfig()
     run: RunConfig = RunConfig()
 
     @model_validator(mode="after")
@@ -206,6 +286,28 @@ class Config(_Section):
             raise ValueError(f"sampling.window.start_max ({w.start_max}) must be >= start_min ({w.start_min})")
         if not self.rewards:
             raise ValueError("rewards must name at least one reward")
+        fsdp = self.distributed.fsdp
+        if fsdp.enabled and fsdp.activation_checkpointing and self.model.gradient_checkpointing:
+            raise ValueError(
+                "distributed.fsdp.activation_checkpointing already recomputes the transformer blocks: "
+                "set model.gradient_checkpointing=false (or the FSDP one to false)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _method_rules(self) -> "Config":
+        """Combinations of the DESIGN §6 methods that cannot work, each named."""
+        if self.sampling.window.rule == "egrpo":
+            if self.sampling.sde != "flow_sde":
+                raise ValueError(
+                    "E-GRPO needs sampling.sde=flow_sde: its merged jump keeps the Flow-SDE noise variance of the "
+                    f"steps it replaces (sampling.window.rule=egrpo with sampling.sde={self.sampling.sde})"
+                )
+            if self.pec.method == "pcvae":
+                raise ValueError(
+                    "PCVAE's calibration is per step of the unmerged schedule and does not apply to E-GRPO's merged "
+                    "jumps: use pec.method=pec or none with sampling.window.rule=egrpo"
+                )
         return self
 
     def fingerprint(self) -> str:

@@ -21,6 +21,7 @@ from .backends.base import Backend, PromptEmbeds
 
 SDE_STEPS = {"flow_sde": flow_sde_step, "cps": cps_step}
 Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+NoiseLevel = Union[float, torch.Tensor]
 
 
 @dataclass
@@ -47,6 +48,11 @@ class StepRecord:
     next_x0: Optional[torch.Tensor] = None
 
 
+def step_noise_level(noise_level: NoiseLevel, index: int) -> float:
+    """The noise level of step ``index``: ``noise_level`` itself, or its entry when given per step ``[N]``."""
+    return float(noise_level[index]) if isinstance(noise_level, torch.Tensor) else noise_level
+
+
 def seeded_noise(shape: Sequence[int], generators: Generators, device=None) -> torch.Tensor:
     """Standard normal noise ``[B, *shape[1:]]`` drawn on the CPU.
 
@@ -71,7 +77,7 @@ def denoise(
     guidance_scale: float = 1.0,
     uncond: Optional[PromptEmbeds] = None,
     sde: str = "flow_sde",
-    noise_level: float = 0.0,
+    noise_level: NoiseLevel = 0.0,
     stochastic: Optional[torch.Tensor] = None,
     generators: Generators = None,
     log_prob_reduction: str = "mean",
@@ -83,6 +89,7 @@ def denoise(
     Args:
         sigmas: ``[N + 1]`` decreasing, ending in 0.
         sde: ``"flow_sde"`` or ``"cps"``, used on the steps where ``stochastic`` is True.
+        noise_level: the SDE noise level ``a``, or one per step ``[N]`` (E-GRPO's merged jump has its own).
         stochastic: bool ``[N]`` (see ``comfy_pec.sde.stochastic_steps``); default: all ODE.
         generators: CPU generator(s) for the step noise (one per sample for batch-independent images).
         record: keep a :class:`StepRecord` of every stochastic step.
@@ -104,9 +111,10 @@ def denoise(
         v = backend.velocity(x, sigma, cond, guidance_scale, uncond)
         if records and records[-1].index == i - 1:
             records[-1].next_x0 = x - sigma * v
-        if bool(stochastic[i]) and noise_level > 0:
+        level = step_noise_level(noise_level, i)
+        if bool(stochastic[i]) and level > 0:
             noise = seeded_noise(x.shape, generators, x.device)
-            res = step_fn(x, v, sigma, sigma_next, noise_level, noise=noise, sigma_1=sigma_1)
+            res = step_fn(x, v, sigma, sigma_next, level, noise=noise, sigma_1=sigma_1)
             if record:
                 log_prob = gaussian_log_prob(res.x_next, res.mean, res.std, log_prob_reduction)
                 records.append(StepRecord(i, x, res.x_next, res.mean, res.std, log_prob))

@@ -109,6 +109,17 @@ class Backend(abc.ABC):
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
 
+    @property
+    def network(self) -> torch.nn.Module:
+        """The module the forward runs through: the transformer, or what :meth:`set_network` put around it."""
+        wrapped = getattr(self, "_network", None)
+        return self.transformer if wrapped is None else wrapped
+
+    def set_network(self, module: torch.nn.Module) -> None:
+        """Run forwards through ``module`` (``torch.compile`` or FSDP around the transformer); the adapter
+        switches and the parameters stay on ``self.transformer``."""
+        self._network = module
+
     @abc.abstractmethod
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
         """Text conditioning for ``prompts`` (differentiable when grad is enabled)."""

@@ -98,7 +98,7 @@ class FluxBackend(PipelineBackend):
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((batch,), float(guidance_scale), dtype=torch.float32, device=device)
         tokens = latents.to(self.dtype).flatten(2).transpose(1, 2)  # [B, L, 4C], row-major as the ids
-        out = self.transformer(
+        out = self.network(
             hidden_states=tokens,
             timestep=timestep,
             guidance=guidance,

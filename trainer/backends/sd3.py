@@ -84,7 +84,7 @@ class SD3Backend(PipelineBackend):
 
     def _forward(self, latents: torch.Tensor, timestep: torch.Tensor, cond: PromptEmbeds) -> torch.Tensor:
         dtype = self.dtype
-        return self.transformer(
+        return self.network(
             hidden_states=latents,
             timestep=timestep,
             encoder_hidden_states=cond.embeds.to(dtype),

@@ -1,0 +1,221 @@
+"""The math of the DESIGN §6 methods against hand-written formulas: Clip-Cov, KL-Cov, entropy
+regularisation, E-GRPO's merge rule, DRIFT; and the config rules that combine them."""
+
+import math
+
+import pytest
+import torch
+from test_trainer import model_dir, tiny_overrides  # noqa: F401  (model_dir is a fixture)
+
+from comfy_pec.sde import (
+    egrpo_merge_steps, egrpo_schedule, flow_sde_stds, flow_sde_step, gaussian_kl, sd3_schedule, step_entropy,
+)  # fmt: skip
+from trainer.config import ConfigError, load_config
+from trainer.drift import drift_diversity_shaping, prompt_noise_std, reward_concentrated_subset
+from trainer.grpo import clipped_surrogate, group_advantages
+from trainer.loss_terms import (
+    clip_cov_detach, kl_cov_penalty, native_entropy_bonus, perceptual_entropy_bonus, top_covariance_mask,
+)  # fmt: skip
+from trainer.runlog import read_log
+from trainer.train import train
+
+
+def _covariances(log_prob, adv):
+    return [(lp - log_prob.mean()) * (a - adv.mean()) for lp, a in zip(log_prob.tolist(), adv.tolist())]
+
+
+def test_clip_cov_detaches_exactly_the_top_fraction_by_covariance():
+    log_prob = torch.tensor([0.3, -0.2, 0.9, 0.1, -0.7, 0.5, 0.0, -0.1], requires_grad=True)
+    adv = torch.tensor([1.0, -1.0, 2.0, -0.5, -2.0, 0.5, 1.5, -1.5])
+    cov = _covariances(log_prob.detach(), adv)
+    top = sorted(range(8), key=lambda i: -cov[i])[:2]  # 25% of 8
+    selected = top_covariance_mask(log_prob, adv, 0.25)
+    assert sorted(selected.nonzero().flatten().tolist()) == sorted(top)
+    assert top_covariance_mask(log_prob, adv, 0.3).sum() == 3  # ⌈0.3·8⌉
+    # Ratio near 1 with a wide clip range: only the detaching can zero a gradient.
+    loss, _ = clipped_surrogate(clip_cov_detach(log_prob, selected), log_prob.detach(), adv, 10.0, 10.0)
+    loss.backward()
+    assert torch.equal(log_prob.grad == 0, selected)
+    torch.testing.assert_close(clip_cov_detach(log_prob, selected), log_prob)  # values unchanged
+
+
+def test_kl_cov_penalises_exactly_the_selected():
+    torch.manual_seed(1)
+    mean = torch.randn(8, 3, 2, 2, requires_grad=True)
+    old = mean.detach() + 0.1 * torch.randn(8, 3, 2, 2)
+    std = torch.tensor(0.3)
+    log_prob = torch.randn(8)
+    adv = torch.randn(8)
+    selected = top_covariance_mask(log_prob, adv, 0.25)
+    kl = gaussian_kl(mean, old, std)
+    penalty = kl_cov_penalty(kl, selected)
+    torch.testing.assert_close(penalty, kl[selected].sum() / 8)
+    penalty.backward()
+    has_grad = mean.grad.flatten(1).abs().sum(1) > 0
+    assert torch.equal(has_grad, selected)
+
+
+def test_native_entropy_bonus_has_a_gradient_and_the_closed_form_has_none():
+    theta = torch.tensor(0.5, requires_grad=True)
+    x = torch.randn(4, 3, 2, 2)
+    res = flow_sde_step(x, theta * x, 0.6, 0.5, 0.7, noise=torch.randn_like(x))
+    bonus = native_entropy_bonus(res.x_next.detach(), res.mean, res.std).mean()
+    (grad,) = torch.autograd.grad(bonus, theta)
+    assert grad.abs() > 0
+    closed_form = step_entropy(res.std, 1)
+    assert not closed_form.requires_grad  # paper Property 1: no gradient to follow
+    # e_θ is -log p_θ(x') per element up to the constant log std + ½ log 2π.
+    elem = ((res.x_next - res.mean) ** 2 / (2 * res.std**2)).flatten(1).mean(1)
+    torch.testing.assert_close(native_entropy_bonus(res.x_next, res.mean, res.std), elem)
+
+
+def test_perceptual_entropy_bonus_chunked_value_and_gradient_are_exact():
+    torch.manual_seed(2)
+    weight = torch.randn(12, 5)
+
+    def embed(z):  # a differentiable stand-in for f∘D
+        return torch.tanh(z.flatten(1) @ weight)
+
+    theta = torch.tensor(1.3, requires_grad=True)
+    base = torch.randn(6, 3, 2, 2)
+    mean = theta * base
+    x_next = base + 0.2 * torch.randn_like(base)
+    std = torch.tensor(0.4)
+    direct = ((embed(x_next) - embed(mean)) ** 2).sum(1).div(2 * std**2).mean()
+    (expected,) = torch.autograd.grad(direct, theta)
+    chunked = perceptual_entropy_bonus(embed, x_next, theta * base, std, chunk_size=4)
+    torch.testing.assert_close(chunked, direct.detach())
+    (got,) = torch.autograd.grad(chunked, theta)
+    torch.testing.assert_close(got, expected)
+
+
+def test_egrpo_merge_rule_on_a_known_schedule():
+    # The embedded model's schedule (10 steps, shift 1, a = 0.7) with the default τ = 0.5.
+    sigmas = sd3_schedule(10, shift=1.0)
+    stds = flow_sde_stds(sigmas, 0.7)
+    h = step_entropy(stds, 1)
+    assert h[:3].min() >= 0.5 > h[3]  # three high-entropy steps, then low entropy
+    jumps = egrpo_merge_steps(stds, 0.5)
+    assert [(j.start, j.length) for j in jumps] == [(0, 1), (1, 1), (2, 1), (3, 2)]
+    for j in jumps:  # the merged std keeps the total variance of the replaced steps
+        assert j.std**2 == pytest.approx(float((stds[j.start : j.start + j.length] ** 2).sum()), rel=1e-6)
+    assert float(step_entropy(jumps[-1].std, 1)) >= 0.5 > float(step_entropy(stds[3], 1))
+    # Hand-made stds: h(std) = ½·log(2πe·std²); τ = h(1) so 1 stays single, three 0.6 merge (1.08 ≥ 1),
+    # and the trailing 0.3, 0.3 (0.18 < 1) stay ODE; the last step is never trained.
+    hand = torch.tensor([1.0, 0.6, 0.6, 0.6, 0.3, 0.3, 5.0])
+    tau = float(step_entropy(torch.tensor(1.0), 1))
+    assert [(j.start, j.length) for j in egrpo_merge_steps(hand, tau)] == [(0, 1), (1, 3)]
+    assert egrpo_merge_steps(hand, 10.0) == []
+
+
+def test_egrpo_schedule_jump_has_the_merged_std():
+    sigmas = sd3_schedule(10, shift=1.0)
+    jump = egrpo_merge_steps(flow_sde_stds(sigmas, 0.7), 0.5)[-1]  # steps 3-4 merged
+    merged, stochastic, levels = egrpo_schedule(sigmas, jump, 0.7)
+    torch.testing.assert_close(merged, torch.cat([sigmas[:4], sigmas[5:]]))
+    assert stochastic.nonzero().flatten().tolist() == [3] and len(stochastic) == 9
+    x = torch.randn(2, 4)
+    step = flow_sde_step(x, x, float(merged[3]), float(merged[4]), float(levels[3]), sigma_1=float(merged[1]))
+    assert float(step.std) == pytest.approx(jump.std, rel=1e-5)
+    assert levels[0] == 0.7
+
+
+def test_drift_shaped_reward_equals_its_formula():
+    torch.manual_seed(3)
+    g = 4
+    feats = torch.randn(8, 6)
+    task = torch.tensor([0.1, 0.5, 0.3, 0.9, 1.0, 2.0, 0.0, 1.5])
+    rewards = task + torch.tensor([0.2, -0.1, 0.0, 0.3, 0.0, 0.1, -0.2, 0.0])  # e.g. after PEC shaping
+    alpha = 0.7
+    out = drift_diversity_shaping(rewards, task, feats, g, alpha)
+    expected = []
+    unit = feats / feats.norm(dim=1, keepdim=True)
+    for grp in range(2):
+        idx = range(grp * g, grp * g + g)
+        d = [1 - sum(float(unit[i] @ unit[j]) for j in idx if j != i) / (g - 1) for i in idx]
+        d_hat = [(v - min(d)) / (max(d) - min(d)) for v in d]
+        r = [float(task[i]) for i in idx]
+        mean = sum(r) / g
+        std = math.sqrt(sum((v - mean) ** 2 for v in r) / g)
+        expected += [float(rewards[i]) + alpha * (r[k] - mean) / (std + 1e-4) * d_hat[k] for k, i in enumerate(idx)]
+    torch.testing.assert_close(out, torch.tensor(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_drift_subset_drops_outliers_from_the_normalisation():
+    rewards = torch.tensor([1.0, 1.1, 0.9, 1.05, 0.95, 1.0, 1.02, 9.0])
+    keep = reward_concentrated_subset(rewards, 8, threshold=3.0)
+    assert keep.tolist() == [True] * 7 + [False]
+    adv = group_advantages(rewards, 8, keep=keep)
+    kept = rewards[:7].double()
+    ref = (kept - kept.mean()) / (kept.std(unbiased=False) + 1e-4)
+    torch.testing.assert_close(adv.values[:7], ref.float())
+    assert adv.values[7] == 0 and adv.trained.tolist() == [True] * 7 + [False]
+    # All kept: the same advantages as without a subset.
+    torch.testing.assert_close(group_advantages(rewards, 4, keep=torch.ones(8, dtype=torch.bool)).values,
+                               group_advantages(rewards, 4).values)  # fmt: skip
+
+
+def test_prompt_noise_anneals_linearly_to_zero():
+    assert [prompt_noise_std(0.2, k, 4) for k in (0, 2, 4, 9)] == [0.2, 0.1, 0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "overrides, rule",
+    [
+        (["sampling.window.rule=egrpo", "sampling.sde=cps"], "E-GRPO needs sampling.sde=flow_sde"),
+        (["sampling.window.rule=egrpo", "pec.method=pcvae"], "PCVAE's calibration"),
+        (["train.cov.kind=kl_cov", "train.cov.kl_beta=0"], "greater than 0"),
+    ],
+)
+def test_method_combinations_that_cannot_work_fail_naming_the_rule(overrides, rule):
+    with pytest.raises(ConfigError, match=rule):
+        load_config("demo", None, overrides)
+
+
+def test_methods_are_off_by_default():
+    cfg = load_config("demo")
+    assert cfg.train.entropy_reg.kind == "none" and cfg.train.cov.kind == "none"
+    assert not cfg.drift.subset and cfg.drift.prompt_noise == 0 and cfg.drift.diversity_alpha == 0
+
+
+# ---- each method switch in `pec train`, on a tiny random SD3 -------------------------------------
+
+# Three runs that switch every method on at least once, combined as they compose (2 iterations each).
+METHOD_RUNS = {
+    "kl+clip-higher+clip-cov+entropy-native": (
+        {"train.kl_beta": 0.05, "train.clip_range_high": 0.01, "train.cov.kind": "clip_cov",
+         "train.entropy_reg.kind": "native"},
+        ["kl", "cov_frac", "entropy_reg"],
+    ),
+    "egrpo+kl-cov-perceptual+entropy-perceptual+drift-shaping": (
+        {"sampling.window.rule": "egrpo", "sampling.window.tau": 0.0, "train.cov.kind": "kl_cov",
+         "train.cov.space": "perceptual", "train.entropy_reg.kind": "perceptual", "drift.diversity_alpha": 0.5},
+        ["egrpo_merged_steps", "egrpo_jump_std", "cov_frac", "kl_cov", "entropy_reg"],
+    ),
+    "cps+sliding+pcvae+drift-subset-prompt-noise": (
+        {"sampling.sde": "cps", "sampling.window.rule": "sliding", "sampling.window.shift_every": 1,
+         "pec.method": "pcvae", "drift.subset": True, "drift.prompt_noise": 0.1},
+        ["drift_kept_frac", "prompt_noise_std"],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(METHOD_RUNS))
+def test_each_method_trains_and_logs_its_quantities(model_dir, tmp_path, name):  # noqa: F811
+    overrides, keys = METHOD_RUNS[name]
+    run = tmp_path / "run"
+    extra = {"train.iterations": 2, "checkpoint.every": 5, "report.grid_seeds": [0], **overrides}
+    train(load_config("demo", None, tiny_overrides(model_dir, run, **extra)))
+    rows = read_log(run)
+    assert len(rows) == 2 and (run / "lora.safetensors").is_file()
+    for key in ["policy_loss", "grad_norm", *keys]:
+        assert all(key in r and r[key] is not None for r in rows), key
+    assert abs(rows[0]["ratio_mean"] - 1) < 1e-3  # rollout and update see the same policy
+    if "cov_frac" in keys:
+        assert all(r["cov_frac"] == 0.25 for r in rows)
+    if "sliding" in name:
+        assert rows[0]["window_steps"] == [0, 1] and rows[1]["window_steps"] == [1, 2]
+    if "egrpo" in name:  # one merged jump per iteration, in schedule order
+        assert rows[0]["egrpo_merged_steps"][0] == 0 and len(rows[0]["window_steps"]) == 1
+        assert rows[1]["egrpo_merged_steps"][0] == rows[0]["egrpo_merged_steps"][-1] + 1
