@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .backends.base import PromptEmbeds
+from .sampling import seeded_noise
 
 #: MAD → std of a normal distribution.
 MAD_TO_STD = 1.4826
@@ -53,7 +54,7 @@ class PromptNoise:
         gens = [torch.Generator().manual_seed(int(s)) for s in self.seeds[samples]]
 
         def noisy(x: torch.Tensor) -> torch.Tensor:
-            eps = torch.stack([torch.randn(tuple(x.shape[1:]), generator=g) for g in gens]).to(x.device, x.dtype)
+            eps = seeded_noise(x.shape, gens, x.device).to(x.dtype)
             rms = x.float().flatten(1).pow(2).mean(1).sqrt().to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
             return x + self.std * rms * eps
 
