@@ -1,6 +1,6 @@
 """Flow-GRPO vs PEC on the embedded world: does perceptual-entropy shaping keep the diversity?
 
-    python studies/flow_grpo_vs_pec.py [--iterations 40] [--out runs/study_flow_grpo_vs_pec] [--set KEY=VALUE ...]
+    python studies/flow_grpo_vs_pec.py [--iterations 30] [--out runs/study_flow_grpo_vs_pec] [--set KEY=VALUE ...]
 
 Trains two LoRAs from the `demo` preset with the same seeds and budget — Flow-GRPO (no shaping) and
 PEC (default β) — then samples the base model and both LoRAs on the same training prompts and seeds
@@ -41,7 +41,7 @@ def evaluate(model_path, lora, prompts, seeds, reward_fn, encoder) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iterations", type=int, default=40)
+    parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--prompts", type=int, default=8, help="training prompts evaluated")
     parser.add_argument("--seeds", type=int, default=16, help="samples per prompt in the evaluation")
     parser.add_argument("--out", default="runs/study_flow_grpo_vs_pec")

@@ -53,12 +53,9 @@ METHODS: dict[str, list[str]] = {
     "drift": [*FLOW_GRPO, "drift.subset=true", "drift.prompt_noise=0.1", "drift.diversity_alpha=0.5"],
 }
 
-#: Budget: PEC on the demo preset runs ≈ 8.5 s per iteration on 2 idle cores (12 iterations ≈ 1.7 min).
-#: Relative costs, from the phase times of a Flow-GRPO iteration (rollout 48%, perceive 22%, update 30%):
-#: entropy-perceptual ≈ 1.5-2× (a decoder + encoder forward and backward per trained step), e-grpo ≈ 0.65×
-#: (one trained jump instead of three), kl ≈ 1.1×, pcvae + one calibration rollout, the rest ≈ 1× — ≈ 14
-#: method-units per iteration. 20 iterations ≈ 40 min of training + ≈ 4 min of run set-up and reports +
-#: ≈ 5 min of evaluation (14 models × 96 images) ≈ 50 min ≤ 60.
+#: Budget (issue #7: ≤ 60 min on 2 CPU cores): measured 25.3 min wall for all 13 methods at 20 iterations
+#: (1.2-2.6 min of training each; entropy-perceptual, with its decoder + encoder backward, the slowest;
+#: E-GRPO, one trained jump per iteration, the fastest) plus the 14 evaluations and the comparison.
 DEFAULT_ITERATIONS = 20
 
 
@@ -79,7 +76,7 @@ def plot_training(logs: dict[str, list[dict]], path: Path) -> None:
     for name, rows in logs.items():
         its = [r["iteration"] for r in rows]
         for ax, key in zip(axes, ("reward_mean", "vendi")):
-            ax.plot(its, [r[key] for r in rows], label=name, lw=1)
+            ax.plot(its, [r.get(key, float("nan")) for r in rows], label=name, lw=1)
     for ax, title in zip(axes, ("task reward (training rollouts)", "Vendi per group (training rollouts)")):
         ax.set(title=title, xlabel="iteration")
         ax.grid(alpha=0.3)

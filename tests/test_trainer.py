@@ -18,7 +18,9 @@ from trainer import rewards as reward_registry
 from trainer.config import load_config
 from trainer.runlog import read_log
 from trainer.toy.model import build_pipeline, save_pipeline
-from trainer.train import TrainingError, train
+from comfy_pec.sde import stochastic_steps
+from trainer.backends import load_backend
+from trainer.train import TrainingError, group_initial_seeds, rollout, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,6 +43,23 @@ def tiny_overrides(model_dir, run_dir, **extra):
         "report.grid_prompts": 1, "report.grid_seeds": [0, 1], **extra,
     }  # fmt: skip
     return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in values.items()]
+
+
+def test_shared_initial_noise_gives_a_group_one_start_and_different_endings(model_dir, tmp_path):
+    seeds = torch.tensor([11, 12, 13, 14])
+    assert group_initial_seeds(seeds, 2, shared=False) is None
+    init = group_initial_seeds(seeds, 2, shared=True)
+    assert init.tolist() == [11, 11, 13, 13]
+    backend = load_backend(model_dir)
+    cfg = load_config("demo", None, tiny_overrides(model_dir, tmp_path / "run"))
+    res, steps = backend.defaults["resolution"], backend.defaults["num_steps"]
+    ro = rollout(
+        backend, ["a red circle"] * 4, cfg, backend.schedule(steps, res, res), stochastic_steps("all", steps), seeds,
+        3.0, 0.7, res, init,
+    )  # fmt: skip
+    start = ro.latents[:, 0]  # the first step is trained: its input is the initial noise
+    assert torch.equal(start[0], start[1]) and torch.equal(start[2], start[3]) and not torch.equal(start[0], start[2])
+    assert not torch.equal(ro.next_latents[0, 0], ro.next_latents[1, 0])  # each sample draws its own SDE noise
 
 
 def lora_tensors(run_dir):
@@ -147,3 +166,13 @@ def test_resume_refuses_a_different_config(model_dir, tmp_path):
     train(load_config("demo", None, tiny_overrides(model_dir, run, **{"train.iterations": 1})))
     with pytest.raises(Exception, match="another configuration"):
         train(load_config("demo", None, tiny_overrides(model_dir, run, **{"train.iterations": 1, "pec.beta": 0.9})))
+
+
+def test_perceptual_phase_is_skipped_only_where_nothing_needs_it(model_dir, tmp_path):
+    for method, measured in (("none", False), ("pec", True)):
+        run = tmp_path / method
+        overrides = {"train.iterations": 1, "pec.method": method, "run.perceptual_stats": False}
+        train(load_config("demo", None, tiny_overrides(model_dir, run, **overrides)))
+        row = read_log(run)[0]
+        assert all((key in row) == measured for key in ("vendi", "perceptual_entropy", "perceptual_energy")), method
+        assert (run / "report.md").is_file() and (run / "lora.safetensors").is_file()

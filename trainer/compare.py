@@ -174,10 +174,19 @@ def plot_tradeoff(rows: Sequence[dict], path: PathLike) -> None:
     for level in (0.25, 0.5, 0.75):
         ax.plot([0, 2 * level], [2 * level, 0], color="0.85", lw=0.8, zorder=0)
         ax.text(level + 0.01, level + 0.01, f"overall {level}", color="0.6", fontsize=7, rotation=-45)
+    points: list[tuple[float, float, list[str]]] = []  # methods at (nearly) the same point share one label
     for row in rows:
-        ax.scatter(row[NORM_DIVERSITY], row[NORM_QUALITY], s=36)
-        ax.annotate(row["method"], (row[NORM_DIVERSITY], row[NORM_QUALITY]), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)
+        x, y = row[NORM_DIVERSITY], row[NORM_QUALITY]
+        ax.scatter(x, y, s=36)
+        near = next((p for p in points if abs(p[0] - x) < 0.02 and abs(p[1] - y) < 0.02), None)
+        if near is None:
+            points.append((x, y, [row["method"]]))
+        else:
+            near[2].append(row["method"])
+    for x, y, names in points:
+        below = len(names) > 1  # a stacked label hangs below its point, clear of its neighbours' labels
+        ax.annotate("\n".join(names), (x, y), textcoords="offset points", xytext=(5, -6 if below else 4),
+                    va="top" if below else "baseline", fontsize=8)  # fmt: skip
     ax.set(xlim=(-0.05, 1.1), ylim=(-0.05, 1.1), xlabel="diversity (Norm.Avg)", ylabel="quality (Norm.Avg)",
            title="quality vs diversity")
     ax.grid(alpha=0.3)

@@ -106,6 +106,11 @@ class SamplingConfig(_Section):
     guidance_scale: Optional[float] = Field(None, ge=0)
     sde: Literal["flow_sde", "cps"] = "flow_sde"
     noise_level: Optional[float] = Field(None, gt=0, le=1.5)
+    shared_init_noise: bool = Field(
+        False,
+        description="a group shares its initial noise (DanceGRPO; E-GRPO always does), so the reward spread "
+        "inside a group comes from the trained SDE steps instead of from the starting points",
+    )
     window: WindowConfig = WindowConfig()
 
 
@@ -256,6 +261,11 @@ class RunConfig(_Section):
     tensorboard: Literal["auto", "on", "off"] = "auto"
     progress: bool = True
     log_advantages: bool = Field(False, description="also write each iteration's advantages [N] to log.jsonl")
+    perceptual_stats: bool = Field(
+        True,
+        description="measure perceptual entropy and per-group Vendi every iteration even when the method does not "
+        "use them (the Fig. 2 curves of a Flow-GRPO run); false skips that phase where nothing needs it (benchmarks)",
+    )
 
 
 class Config(_Section):
@@ -271,6 +281,16 @@ class Config(_Section):
     report: ReportConfig = ReportConfig()
     distributed: DistributedConfig = DistributedConfig()
     run: RunConfig = RunConfig()
+
+    @property
+    def uses_perceptual_stats(self) -> bool:
+        """Whether the method itself needs the rollout's perceptual energies or final-image features."""
+        cov = self.train.cov
+        return (
+            self.pec.method != "none"
+            or (cov.kind != "none" and cov.space == "perceptual")
+            or self.drift.diversity_alpha > 0
+        )
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> "Config":

@@ -340,6 +340,16 @@ def group_vendi(features: torch.Tensor, group_size: int) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
+def group_initial_seeds(seeds: torch.Tensor, group_size: int, shared: bool) -> Optional[torch.Tensor]:
+    """Seeds of the initial noise ``[N]`` when a group shares it (each group's first seed, repeated), else
+    ``None`` (every sample starts from its own seed). E-GRPO shares it so a group shares its ODE prefix up
+    to the merged jump; ``sampling.shared_init_noise`` (DanceGRPO) so the in-group reward spread comes
+    from the trained SDE steps."""
+    if not shared:
+        return None
+    return seeds.reshape(-1, group_size)[:, :1].expand(-1, group_size).reshape(-1)
+
+
 def _iteration_rng(seed: int, iteration: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + iteration)
 
@@ -482,8 +492,7 @@ def train(
         batch_prompts = [prompts[c] for c in chosen for _ in range(t.group_size)]
         seeds = torch.randint(2**62, (len(batch_prompts),), generator=gen)
         it_sigmas, stochastic, it_noise, jump = _schedule(config, sigmas, noise_level, jumps, it, gen)
-        # E-GRPO: a group shares its initial noise, hence its ODE prefix up to the merged jump.
-        init_seeds = seeds.reshape(-1, t.group_size)[:, :1].expand(-1, t.group_size).reshape(-1) if jump is not None else None
+        init_seeds = group_initial_seeds(seeds, t.group_size, jump is not None or config.sampling.shared_init_noise)
         prompt_noise = _prompt_noise(config, it, gen, len(batch_prompts))
         # This rank's samples of the global draws above (all of them in one process).
         batch_prompts, seeds, init_seeds = layout.mine(batch_prompts), layout.mine(seeds), layout.mine(init_seeds)
@@ -498,11 +507,18 @@ def train(
         rewards, parts = reward_fn(ro.images, ro.prompts)
         rewards, parts = parallel.gather(rewards, layout), {k: parallel.gather(v, layout) for k, v in parts.items()}
         times["time_reward"], clock = time.perf_counter() - clock, time.perf_counter()
-        local_stats = perceive(backend, encoder, ro, config, it_sigmas, guidance)
-        stats = parallel.gather_fields(local_stats, layout)  # whole groups: PEC's z-score, DRIFT's diversity
-        features = embed_latents(lambda x: x, encoder, ro.images.to(backend.device), config.pec.chunk_size).cpu()
-        features = parallel.gather(features, layout)
-        vendi = group_vendi(features, t.group_size)
+        local_stats = stats = features = None
+        perceptual_log = {}
+        if config.run.perceptual_stats or config.uses_perceptual_stats:
+            local_stats = perceive(backend, encoder, ro, config, it_sigmas, guidance)
+            stats = parallel.gather_fields(local_stats, layout)  # whole groups: PEC's z-score, DRIFT's diversity
+            features = embed_latents(lambda x: x, encoder, ro.images.to(backend.device), config.pec.chunk_size).cpu()
+            features = parallel.gather(features, layout)
+            perceptual_log = {
+                "perceptual_entropy": float(stats.entropy.reshape(-1, t.group_size, stats.entropy.shape[1]).mean(1).mean()),
+                "perceptual_energy": float(stats.energy.mean()),
+                "vendi": group_vendi(features, t.group_size),
+            }
         times["time_perceptual"], clock = time.perf_counter() - clock, time.perf_counter()
 
         shaped = shaped_rewards(rewards, stats, config, calibration, ro.steps, features)
@@ -527,9 +543,7 @@ def train(
             **{f"reward/{k}": float(v[torch.isfinite(v)].mean()) for k, v in parts.items()},
             "shaped_reward_mean": float(shaped[torch.isfinite(shaped)].mean()) if finite.any() else float("nan"),
             "policy_entropy": float(step_entropy(ro.stds, 1).mean()),
-            "perceptual_entropy": float(stats.entropy.reshape(-1, t.group_size, stats.entropy.shape[1]).mean(1).mean()),
-            "perceptual_energy": float(stats.energy.mean()),
-            "vendi": vendi,
+            **perceptual_log,
             "groups_dropped_nan": int(adv.dropped.sum()),
             "groups_zero_std": int(adv.degenerate.sum()),
             "window_steps": ro.steps,
@@ -542,7 +556,7 @@ def train(
         }
         if log is not None:
             log.write(row)
-        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", vendi=f"{vendi:.2f}", refresh=False)
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", vendi=f"{row.get('vendi', float('nan')):.2f}", refresh=False)
 
         last = it == t.iterations - 1
         if nan_streak >= t.nan_patience:
