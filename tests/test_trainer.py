@@ -14,12 +14,12 @@ import yaml
 
 from comfy_pec.encoders import ToyEncoder
 from comfy_pec.lora_format import inspect_lora, load_lora
+from comfy_pec.sde import stochastic_steps
 from trainer import rewards as reward_registry
+from trainer.backends import load_backend
 from trainer.config import load_config
 from trainer.runlog import read_log
 from trainer.toy.model import build_pipeline, save_pipeline
-from comfy_pec.sde import stochastic_steps
-from trainer.backends import load_backend
 from trainer.train import TrainingError, group_initial_seeds, rollout, train
 
 ROOT = Path(__file__).resolve().parent.parent
