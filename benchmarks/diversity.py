@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 
 import torch
 
 from comfy_pec.diversity import feature_variance, mean_pairwise_distance, vendi_score
+from timing import time_calls  # benchmarks/ is on the path when a script here runs
 
 ORDERS = (1.0, 2.0, math.inf)
 
@@ -55,12 +55,7 @@ def naive_loop(features: torch.Tensor) -> list[torch.Tensor]:
 
 
 def best_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(time_calls(fn, repeats)[0])
 
 
 def main() -> None:

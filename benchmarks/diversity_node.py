@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 import torch
 
 from comfy_pec.encoders import load_encoder
 from comfy_pec.nodes.definitions import SPECS
+from timing import time_calls  # benchmarks/ is on the path when a script here runs
 
 
 def dinov2_small_sized(folder: str):
@@ -44,12 +44,12 @@ def main() -> None:
         encoder = dinov2_small_sized(folder)
     images = torch.rand(args.images, args.size, args.size, 3)
     node = next(spec for spec in SPECS if spec.node_id == "PECBatchDiversity")
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
+
+    def run_node():
         with torch.inference_mode():  # as ComfyUI's executor runs nodes
-            result = node.run(images=[images], encoder=encoder, q=1.0, group_size=0)
-        times.append(time.perf_counter() - start)
+            return node.run(images=[images], encoder=encoder, q=1.0, group_size=0)
+
+    times, result = time_calls(run_node, args.repeats)
     best = min(times)
     vendi = result.outputs[0]
     print(f"PEC Batch Diversity: {args.images} images at {args.size}x{args.size}, DINOv2-small-sized encoder, "

@@ -8,12 +8,12 @@ Uses the shipped model's defaults (CFG, resolution); prints the best of --repeat
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from trainer.backends import load_backend
 from trainer.sampling import sample_images
+from timing import time_calls  # benchmarks/ is on the path when a script here runs
 
 
 def main() -> None:
@@ -26,11 +26,10 @@ def main() -> None:
     backend = load_backend(device=args.device)
     prompts = ["a red circle"] * args.images
     sample_images(backend, prompts[:2], [0, 1], num_steps=2, progress=False)  # warm-up
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        sample_images(backend, prompts, list(range(args.images)), num_steps=args.steps, batch_size=args.images, progress=False)
-        times.append(time.perf_counter() - start)
+    times, _ = time_calls(
+        lambda: sample_images(backend, prompts, list(range(args.images)), num_steps=args.steps, batch_size=args.images, progress=False),
+        args.repeats,
+    )  # fmt: skip
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     print(f"{args.images} images x {args.steps} steps (CFG {backend.defaults['guidance_scale']}, "
           f"{backend.defaults['resolution']} px): best {min(times):.2f} s, mean {sum(times) / len(times):.2f} s")
