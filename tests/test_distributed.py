@@ -1,17 +1,22 @@
 """Several processes: the sample layouts and their rules, FSDP's configuration, and two gloo ranks under
 ``accelerate launch`` giving the advantages (and the gradient scale) of one process."""
 
+import contextlib
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from trainer.checkpoint import complete_checkpoints
 from trainer.config import ConfigError, load_config
 from trainer.distributed import SINGLE_PROCESS, plan_layout
 from trainer.runlog import read_log
@@ -115,32 +120,39 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _config_file(tmp_path: Path, name: str, prompts: int, group: int, batch: int) -> Path:
-    """One iteration of PEC on the embedded model, advantages logged."""
+def _config_file(tmp_path: Path, name: str, prompts: int, group: int, batch: int, extra: dict | None = None) -> Path:
+    """One iteration of PEC on the embedded model, advantages logged; ``extra`` {section: {key: value}} adds to it."""
     settings = {
         "sampling": {"num_steps": 3, "window": {"rule": "all"}}, "lora": {"rank": 4, "alpha": 8},
         "train": {"iterations": 1, "prompts_per_iteration": prompts, "group_size": group, "batch_size": batch},
         "pec": {"method": "pec"}, "report": {"grid_prompts": 1, "grid_seeds": [0]},
         "run": {"dir": str(tmp_path / name), "progress": False, "tensorboard": "off", "log_advantages": True},
     }  # fmt: skip
+    for section, values in (extra or {}).items():
+        settings.setdefault(section, {}).update(values)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(settings))
     return path
 
 
-@pytest.mark.slow
-def test_two_gloo_ranks_give_the_advantages_of_one_process(tmp_path):
+def _launch(tmp_path: Path, *files: Path) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of an ``accelerate launch`` of DRIVER on two CPU processes training ``files`` in turn."""
     # accelerate's --cpu routes several processes to mpirun; its torchrun launcher (--multi_gpu) runs
     # them on a machine without GPUs too, and the trainer then joins a gloo group.
-    files = [_config_file(tmp_path, f"ddp_{case}", p, g, batch=2) for case, (p, g) in CASES.items()]
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [
+    return [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
         str(driver), *map(str, files),
-    ]  # fmt: skip
+    ], env  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_give_the_advantages_of_one_process(tmp_path):
+    files = [_config_file(tmp_path, f"ddp_{case}", p, g, batch=2) for case, (p, g) in CASES.items()]
+    cmd, env = _launch(tmp_path, *files)
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -154,3 +166,86 @@ def test_two_gloo_ranks_give_the_advantages_of_one_process(tmp_path):
         assert multi["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-3), json.dumps([multi, single])
         assert (tmp_path / f"ddp_{case}" / "lora.safetensors").is_file()
         assert (tmp_path / f"ddp_{case}" / "checkpoints" / "iter_000000" / "COMPLETE").is_file()
+
+
+def _lora(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "lora.safetensors"))
+
+
+def _kill_launch(proc: subprocess.Popen) -> None:
+    """SIGKILL an ``accelerate launch`` started in a session of its own, and its ranks, as a lost node would be.
+
+    torchrun starts every rank in a session of its own too: killing the launcher's process group alone
+    would leave the ranks running to the end of the run.
+    """
+    import psutil  # a dependency of accelerate
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGSTOP)  # the launcher restarts no rank meanwhile
+    try:
+        ranks = psutil.Process(proc.pid).children(recursive=True)  # the ranks and anything they started
+    except psutil.NoSuchProcess:
+        ranks = []
+    for rank in ranks:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            rank.kill()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 60
+    while any(_running(rank) for rank in ranks) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(_running(rank) for rank in ranks), "a rank outlived SIGKILL"
+
+
+def _running(process) -> bool:
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE  # reparented, a killed rank may stay unreaped
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_killed_then_resumed_give_a_bitwise_identical_lora(tmp_path):
+    # The split layout (one group of 4 over both ranks), a checkpoint after every iteration.
+    prompts, group = CASES["split"]
+    extra = {"train": {"iterations": 3}, "checkpoint": {"every": 1, "keep": 3}}
+    whole = _config_file(tmp_path, "whole", prompts, group, batch=2, extra=extra)
+    cmd, env = _launch(tmp_path, whole)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = _lora(tmp_path / "whole")
+
+    killed = tmp_path / "killed"
+    config_file = _config_file(tmp_path, "killed", prompts, group, batch=2, extra=extra)
+    cmd, env = _launch(tmp_path, config_file)
+    # A session of its own, so one kill takes the launcher and both ranks at once, as a lost node would.
+    with open(tmp_path / "killed.stderr", "w") as stderr:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+    marker = killed / "checkpoints" / "iter_000000" / "COMPLETE"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    _kill_launch(proc)
+    assert marker.exists(), "the ranks never wrote their first checkpoint: " + (tmp_path / "killed.stderr").read_text()[-3000:]
+    # The kill lands a poll after that marker, but on a busy machine the poll can lag by seconds, and an
+    # iteration here takes about one: the run may have checkpointed further, or even exported. Going back
+    # to what a kill right after the first checkpoint leaves makes the resume replay iterations 1 and 2.
+    for folder in complete_checkpoints(killed)[1:]:
+        shutil.rmtree(folder)
+    (killed / "lora.safetensors").unlink(missing_ok=True)
+    assert [r["iteration"] for r in read_log(killed)][:1] == [0]
+
+    cmd, env = _launch(tmp_path, config_file)  # the same command (on a fresh port): resumes from the newest checkpoint
+    resumed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200, check=False)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "from iter_000000 (iteration 1 of 3)" in resumed.stdout, resumed.stdout[-3000:]
+    lora = _lora(killed)
+    assert lora.keys() == reference.keys()
+    assert all(torch.equal(lora[k], reference[k]) for k in reference), "the resumed LoRA differs from the whole run's"
+    assert [r["iteration"] for r in read_log(killed)] == [0, 1, 2]
+    assert [r["processes"] for r in read_log(killed)] == [2, 2, 2]

@@ -18,9 +18,18 @@ from comfy_pec.sde import stochastic_steps
 from trainer import rewards as reward_registry
 from trainer.backends import load_backend
 from trainer.config import load_config
+from trainer.distributed import SINGLE_PROCESS, Parallel
+from trainer.grpo import group_advantages
 from trainer.runlog import read_log
 from trainer.toy.model import build_pipeline, save_pipeline
-from trainer.train import TrainingError, group_initial_seeds, rollout, train
+from trainer.train import (
+    TrainingError,
+    add_lora,
+    group_initial_seeds,
+    rollout,
+    train,
+    update,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -176,3 +185,81 @@ def test_perceptual_phase_is_skipped_only_where_nothing_needs_it(model_dir, tmp_
         row = read_log(run)[0]
         assert all((key in row) == measured for key in ("vendi", "perceptual_entropy", "perceptual_energy")), method
         assert (run / "report.md").is_file() and (run / "lora.safetensors").is_file()
+
+
+class _ZeroShareRank(Parallel):
+    """A rank that trains no sample of any micro-batch while the others do (``loss_share`` 0), with no
+    collectives; ``sharded`` set stands for FSDP, whose forwards and backwards every rank must join."""
+
+    def loss_share(self, local_count):
+        assert local_count == 0
+        return 0.0
+
+    def average_gradients(self, params):
+        pass
+
+    def clip_grad_norm(self, params, max_norm):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+class _RecordingOptimizer:
+    """Records the LoRA gradients of every step (None where a parameter has none) and changes nothing."""
+
+    def __init__(self, params):
+        self.params, self.steps = params, []
+
+    def step(self):
+        self.steps.append([None if p.grad is None else p.grad.detach().clone() for p in self.params])
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
+def test_an_fsdp_rank_without_trained_samples_joins_every_forward_at_weight_zero(model_dir, tmp_path):
+    backend = load_backend(model_dir)
+    overrides = {"train.prompts_per_iteration": 1, "train.group_size": 4, "train.batch_size": 2, "train.kl_beta": 0.05}
+    cfg = load_config("demo", None, tiny_overrides(model_dir, tmp_path / "run", **overrides))
+    torch.manual_seed(cfg.train.seed)
+    params = add_lora(backend, cfg)
+    d = backend.defaults
+    res, steps = d["resolution"], d["num_steps"]
+    sigmas, guidance, noise_level = backend.schedule(steps, res, res), float(d["guidance_scale"]), float(d["noise_level"])
+    ro = rollout(
+        backend, ["a red circle"] * 4, cfg, sigmas, stochastic_steps("window", steps, size=2, start=0),
+        torch.tensor([11, 12, 13, 14]), guidance, noise_level, res,
+    )  # fmt: skip
+    assert len(ro.steps) == 2
+    calls = {"n": 0}
+    velocity = backend.velocity
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return velocity(*args, **kwargs)
+
+    backend.velocity = counted
+
+    def run(rewards, parallel):
+        calls["n"] = 0
+        optimizer = _RecordingOptimizer(params)
+        adv = group_advantages(torch.tensor(rewards), cfg.train.group_size)
+        out = update(backend, optimizer, params, ro, adv, cfg, sigmas, guidance, noise_level, parallel=parallel)
+        return calls["n"], optimizer.steps, out
+
+    # One process, every sample trained: 2 micro-batches × 2 steps × (policy + KL reference) forwards.
+    trained_calls, trained_steps, trained_out = run([0.0, 1.0, 2.0, 3.0], SINGLE_PROCESS)
+    assert trained_calls == 8 and len(trained_steps) == 2 and "policy_loss" in trained_out
+    assert any(g is not None and g.abs().sum() > 0 for step in trained_steps for g in step)
+
+    # Its group dropped (a NaN reward), this rank trains nothing; under FSDP it makes the same calls anyway.
+    fsdp_calls, fsdp_steps, fsdp_out = run([float("nan"), 1.0, 2.0, 3.0], _ZeroShareRank(rank=1, world=2, sharded=object()))
+    assert fsdp_calls == trained_calls
+    assert len(fsdp_steps) == 2
+    for step in fsdp_steps:
+        assert all(g is not None and torch.isfinite(g).all() and not g.any() for g in step)
+    assert set(fsdp_out) == {"grad_norm"} and fsdp_out["grad_norm"] == 0.0  # no statistics of untrained samples
+
+    # Under DDP the rank only joins the gradient average: no forward at all.
+    ddp_calls, ddp_steps, ddp_out = run([float("nan"), 1.0, 2.0, 3.0], _ZeroShareRank(rank=1, world=2))
+    assert ddp_calls == 0 and len(ddp_steps) == 2
+    assert all(g is None for step in ddp_steps for g in step) and set(ddp_out) == {"grad_norm"}

@@ -272,10 +272,15 @@ def update(
             share = parallel.loss_share(int(mask.sum()))
             if share is None:
                 continue
+            if not share and parallel.sharded is not None:
+                # FSDP's forwards and backwards are collectives every rank must join: with no trained sample
+                # here, run the whole micro-batch at weight 0 (zero gradient, the other ranks' calls).
+                mask = torch.ones_like(mask)
             cond = ro.cond.select(sl)
             uncond = backend.empty_embeds(mask.shape[0])
             a = adv.values[sl].to(backend.device)[mask]
-            steps = ro.steps if share else []  # no trained sample on this rank: only join the gradient average
+            # no trained sample on this rank (DDP): only join the gradient average
+            steps = ro.steps if share or parallel.sharded is not None else []
             for j, i in enumerate(steps):
                 sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
                 level = step_noise_level(noise_level, i)
@@ -310,7 +315,7 @@ def update(
                     loss = loss - t.entropy_reg.beta * bonus
                     stats["entropy_reg"] = bonus.detach()
                 (loss * share / len(ro.steps)).backward()
-                for key, value in stats.items():
+                for key, value in (stats.items() if share else ()):
                     step_stats.setdefault(key, []).append(float(value))
             parallel.average_gradients(params)
             grad_norms.append(float(parallel.clip_grad_norm(params, t.grad_clip)))
