@@ -249,3 +249,38 @@ def test_two_gloo_ranks_killed_then_resumed_give_a_bitwise_identical_lora(tmp_pa
     assert all(torch.equal(lora[k], reference[k]) for k in reference), "the resumed LoRA differs from the whole run's"
     assert [r["iteration"] for r in read_log(killed)] == [0, 1, 2]
     assert [r["processes"] for r in read_log(killed)] == [2, 2, 2]
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_under_fsdp_give_the_advantages_of_one_process_and_resume_bitwise(tmp_path):
+    # The FSDP path on CPU: the trainer shards by hand with accelerate's plugin (accelerate shards only on GPUs).
+    prompts, group = CASES["split"]
+    extra = {"train": {"iterations": 2}, "checkpoint": {"every": 1, "keep": 3}}
+    fsdp = _config_file(tmp_path, "fsdp", prompts, group, batch=2, extra={**extra, "distributed": {"fsdp": {"enabled": True}}})
+    cmd, env = _launch(tmp_path, fsdp)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "fsdp"
+    assert [folder.name for folder in complete_checkpoints(run)] == ["iter_000000", "iter_000001"]
+    reference = _lora(run)
+
+    train(load_config(file=str(_config_file(tmp_path, "one", prompts, group, batch=4, extra=extra))))
+    for multi, single in zip(read_log(run), read_log(tmp_path / "one"), strict=True):
+        assert (multi["processes"], single["processes"]) == (2, 1)
+        torch.testing.assert_close(torch.tensor(multi["advantages"]), torch.tensor(single["advantages"]), atol=1e-4, rtol=0)
+        assert multi["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-3), json.dumps([multi, single])
+    single_lora = _lora(tmp_path / "one")  # the gathered LoRA keeps the keys and shapes of one process's
+    assert {k: v.shape for k, v in reference.items()} == {k: v.shape for k, v in single_lora.items()}
+
+    # Back to what a kill right after the first checkpoint leaves; the resume replays iteration 1.
+    for folder in complete_checkpoints(run)[1:]:
+        shutil.rmtree(folder)
+    (run / "lora.safetensors").unlink()
+    cmd, env = _launch(tmp_path, fsdp)
+    resumed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200, check=False)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "from iter_000000 (iteration 1 of 2)" in resumed.stdout, resumed.stdout[-3000:]
+    lora = _lora(run)
+    assert lora.keys() == reference.keys()
+    assert all(torch.equal(lora[k], reference[k]) for k in reference), "the resumed LoRA differs from the whole run's"
+    assert [r["iteration"] for r in read_log(run)] == [0, 1]

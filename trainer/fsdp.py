@@ -13,6 +13,8 @@ full tensors (small); the frozen base weights are never written, and there is no
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from comfy_pec import PECError
@@ -56,10 +58,45 @@ def shard_transformer(backend, activation_checkpointing: bool) -> torch.nn.Modul
 
     plugin = fsdp_plugin(backend.transformer, backend.dtype, activation_checkpointing)
     backend.transformer.float()  # one dtype per flattened unit; compute stays in backend.dtype
-    root = Accelerator(fsdp_plugin=plugin).prepare_model(backend.transformer)
+    if _gloo_on_cpu():
+        # accelerate leaves CPU processes unsharded: the same plugin applied by hand lets the path run in CI.
+        root = _shard_by_hand(backend.transformer, plugin)
+    else:
+        root = Accelerator(fsdp_plugin=plugin).prepare_model(backend.transformer)
     if not isinstance(root, FSDP):  # accelerate shards only across GPU processes
         raise PECError("distributed.fsdp.enabled needs several CUDA processes: start pec train with accelerate launch")
     backend.set_network(root)
+    return root
+
+
+def _gloo_on_cpu() -> bool:
+    """Several processes joined in a process group without CUDA (gloo ranks, as in CI)."""
+    import torch.distributed as dist
+
+    return not torch.cuda.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _shard_by_hand(transformer: torch.nn.Module, plugin) -> torch.nn.Module:
+    """What ``Accelerator.prepare_model`` does with ``plugin`` on a GPU, on this rank's CPU."""
+    import functools
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    plugin.set_auto_wrap_policy(transformer)  # the block class names → transformer_auto_wrap_policy
+    root = FSDP(
+        transformer, sharding_strategy=plugin.sharding_strategy or plugin.reshard_after_forward,
+        auto_wrap_policy=plugin.auto_wrap_policy, mixed_precision=plugin.mixed_precision_policy,
+        use_orig_params=plugin.use_orig_params, sync_module_states=plugin.sync_module_states,
+        limit_all_gathers=plugin.limit_all_gathers, device_id=torch.device("cpu"),
+    )  # fmt: skip
+    if plugin.activation_checkpointing:
+        wrapper = functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+        apply_activation_checkpointing(root, checkpoint_wrapper_fn=wrapper, auto_wrap_policy=plugin.auto_wrap_policy)
     return root
 
 
@@ -72,7 +109,6 @@ def full_lora_state(root: torch.nn.Module, transformer: torch.nn.Module) -> dict
 
     The gather goes unit by unit to rank 0's CPU memory, which holds the whole model for a moment.
     """
-    from peft.utils import get_peft_model_state_dict
     from torch.distributed.fsdp import FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -80,14 +116,26 @@ def full_lora_state(root: torch.nn.Module, transformer: torch.nn.Module) -> dict
         full = root.state_dict()
     if not full:
         return {}
-    return {k: v.clone() for k, v in get_peft_model_state_dict(transformer, state_dict=full).items()}
+    # Not peft's get_peft_model_state_dict: it selects the LoRA by the transformer's module names, which now
+    # hold FSDP's and the checkpoint wrapper's prefixes, and finds nothing in the gathered (clean) keys.
+    # Its format: "<module>.lora_A.<adapter>.weight" -> "<module>.lora_A.weight", add_lora's one adapter.
+    (adapter,) = transformer.peft_config
+    infix = re.compile(rf"\.(lora_[A-Za-z_]+)\.{re.escape(adapter)}\.")
+    return {infix.sub(r".\1.", k): v.clone() for k, v in full.items() if infix.search(k)}
 
 
 def full_optimizer_state(root: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer state with full (unsharded) tensors, keyed by parameter name; every rank must call it."""
+    from torch.distributed.fsdp import FullOptimStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    return FSDP.optim_state_dict(root, optimizer)
+    # Gathering to the CPU on CPU ranks is a no-op ``.cpu()``: every state stays a view of one gather buffer
+    # that FSDP reuses for the next state (exp_avg would hold exp_avg_sq's values). There, clone instead.
+    on_cpu = root.compute_device.type == "cpu"
+    with FSDP.state_dict_type(
+        root, StateDictType.FULL_STATE_DICT, optim_state_dict_config=FullOptimStateDictConfig(offload_to_cpu=not on_cpu)
+    ):
+        return FSDP.optim_state_dict(root, optimizer)
 
 
 def load_optimizer_state(root: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
