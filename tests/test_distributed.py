@@ -233,22 +233,26 @@ def test_two_gloo_ranks_killed_then_resumed_give_a_bitwise_identical_lora(tmp_pa
     _kill_launch(proc)
     assert marker.exists(), "the ranks never wrote their first checkpoint: " + (tmp_path / "killed.stderr").read_text()[-3000:]
     # The kill lands a poll after that marker, but on a busy machine the poll can lag by seconds, and an
-    # iteration here takes about one: the run may have checkpointed further, or even exported. Going back
-    # to what a kill right after the first checkpoint leaves makes the resume replay iterations 1 and 2.
-    for folder in complete_checkpoints(killed)[1:]:
-        shutil.rmtree(folder)
-    (killed / "lora.safetensors").unlink(missing_ok=True)
+    # iteration here takes about one: the run may have checkpointed further, or even exported.
     assert [r["iteration"] for r in read_log(killed)][:1] == [0]
+    _resume_from_first_checkpoint(tmp_path, config_file, killed, reference, iterations=3)
+    assert [r["processes"] for r in read_log(killed)] == [2, 2, 2]
 
-    cmd, env = _launch(tmp_path, config_file)  # the same command (on a fresh port): resumes from the newest checkpoint
+
+def _resume_from_first_checkpoint(tmp_path: Path, config_file: Path, run: Path, reference: dict, iterations: int) -> None:
+    """Go back to what a kill right after the first checkpoint leaves, relaunch the same command (on a fresh
+    port), and check that it replays iterations 1.. to a LoRA bitwise equal to ``reference``."""
+    for folder in complete_checkpoints(run)[1:]:
+        shutil.rmtree(folder)
+    (run / "lora.safetensors").unlink(missing_ok=True)
+    cmd, env = _launch(tmp_path, config_file)
     resumed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200, check=False)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "from iter_000000 (iteration 1 of 3)" in resumed.stdout, resumed.stdout[-3000:]
-    lora = _lora(killed)
+    assert f"from iter_000000 (iteration 1 of {iterations})" in resumed.stdout, resumed.stdout[-3000:]
+    lora = _lora(run)
     assert lora.keys() == reference.keys()
     assert all(torch.equal(lora[k], reference[k]) for k in reference), "the resumed LoRA differs from the whole run's"
-    assert [r["iteration"] for r in read_log(killed)] == [0, 1, 2]
-    assert [r["processes"] for r in read_log(killed)] == [2, 2, 2]
+    assert [r["iteration"] for r in read_log(run)] == list(range(iterations))
 
 
 @pytest.mark.slow
@@ -272,15 +276,5 @@ def test_two_gloo_ranks_under_fsdp_give_the_advantages_of_one_process_and_resume
     single_lora = _lora(tmp_path / "one")  # the gathered LoRA keeps the keys and shapes of one process's
     assert {k: v.shape for k, v in reference.items()} == {k: v.shape for k, v in single_lora.items()}
 
-    # Back to what a kill right after the first checkpoint leaves; the resume replays iteration 1.
-    for folder in complete_checkpoints(run)[1:]:
-        shutil.rmtree(folder)
-    (run / "lora.safetensors").unlink()
-    cmd, env = _launch(tmp_path, fsdp)
-    resumed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200, check=False)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "from iter_000000 (iteration 1 of 2)" in resumed.stdout, resumed.stdout[-3000:]
-    lora = _lora(run)
-    assert lora.keys() == reference.keys()
-    assert all(torch.equal(lora[k], reference[k]) for k in reference), "the resumed LoRA differs from the whole run's"
-    assert [r["iteration"] for r in read_log(run)] == [0, 1]
+    assert (run / "lora.safetensors").is_file()
+    _resume_from_first_checkpoint(tmp_path, fsdp, run, reference, iterations=2)
