@@ -129,11 +129,12 @@ def full_optimizer_state(root: torch.nn.Module, optimizer: torch.optim.Optimizer
     from torch.distributed.fsdp import FullOptimStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+    if root.compute_device.type != "cpu":
+        return FSDP.optim_state_dict(root, optimizer)
     # Gathering to the CPU on CPU ranks is a no-op ``.cpu()``: every state stays a view of one gather buffer
     # that FSDP reuses for the next state (exp_avg would hold exp_avg_sq's values). There, clone instead.
-    on_cpu = root.compute_device.type == "cpu"
     with FSDP.state_dict_type(
-        root, StateDictType.FULL_STATE_DICT, optim_state_dict_config=FullOptimStateDictConfig(offload_to_cpu=not on_cpu)
+        root, StateDictType.FULL_STATE_DICT, optim_state_dict_config=FullOptimStateDictConfig(offload_to_cpu=False)
     ):
         return FSDP.optim_state_dict(root, optimizer)
 
