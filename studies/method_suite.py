@@ -36,7 +36,7 @@ from trainer.train import train
 
 FLOW_GRPO = ["pec.method=none"]
 
-#: name → `--set` overrides on the demo preset (demo itself is PEC, β = 0.5).
+#: name → `--set` overrides on the demo preset (demo itself is PEC at the preset's β).
 METHODS: dict[str, list[str]] = {
     "flow-grpo": FLOW_GRPO,
     "pec": ["pec.method=pec"],

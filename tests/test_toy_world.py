@@ -313,7 +313,7 @@ def test_dataset_images_score_high_for_their_own_captions():
 
 def test_preference_prefers_large_centred_saturated():
     best = render(_scene("circle", "red", size=0.3, cx=0.5, cy=0.5, saturation=1.0, bg=0.12))
-    worst = render(_scene("circle", "red", size=0.12, cx=0.2, cy=0.78, saturation=0.65, bg=0.85))
+    worst = render(_scene("circle", "red", size=0.12, cx=0.2, cy=0.78, saturation=0.65, bg=0.5))
     r = preference_reward(np.stack([best, worst]), ["a red circle"] * 2)
     assert r[0] >= 0.9 and r[0] - r[1] >= 0.4
 
@@ -322,7 +322,8 @@ def test_preference_prefers_large_centred_saturated():
     ("size", [0.11, 0.15, 0.19, 0.23, 0.27, 0.30], +1),
     ("cx", [0.5, 0.55, 0.6, 0.65, 0.7, 0.75], -1),
     ("saturation", [0.6, 0.7, 0.8, 0.9, 1.0], +1),
-    ("bg", [0.12, 0.3, 0.5, 0.7, 0.88], -1),
+    ("bg", [0.12, 0.2, 0.3, 0.4, 0.5], -1),  # towards the trough between the two optima
+    ("bg", [0.5, 0.6, 0.7, 0.8, 0.88], +1),
     ("rotation", [0.0, 9.0, 18.0, 27.0, 36.0], -1),
 ])
 @pytest.mark.parametrize("shape", ["circle", "star"])
@@ -337,13 +338,15 @@ def test_preference_is_monotone_along_sweeps(attr, values, direction, shape):
     assert (steps > 0).all(), r
 
 
-def test_preference_optimum_is_a_single_mode():
+def test_preference_optimum_has_two_modes():
     rng = np.random.default_rng(4)
     data = np.stack([render(sample_scene(rng, "a green square")) for _ in range(64)])
     r_data = preference_reward(data, "a green square")
-    opt = render(_scene("square", "green", size=0.3, saturation=1.0, bg=0.12))
-    r_opt = preference_reward(opt, "a green square")
-    assert r_opt > r_data.max()
+    dark, mid, light = (render(_scene("square", "green", size=0.3, saturation=1.0, bg=bg)) for bg in (0.12, 0.5, 0.88))
+    r_dark, r_mid, r_light = preference_reward(np.stack([dark, mid, light]), "a green square")
+    assert min(r_dark, r_light) > r_data.max()
+    assert abs(r_dark - r_light) < 0.02  # equally good peaks, a trough between them
+    assert max(r_dark, r_light) - r_mid > 0.1
     assert float(r_data.std()) > 0.05  # the free attributes spread the reward: GRPO can climb it
     # without prompts the best-matching shape is used: same answer for single objects
     assert torch.allclose(preference_reward(data), r_data, atol=1e-5)

@@ -38,7 +38,7 @@ Noisy images: when the median high-pass of the opponent channels says the image 
 Preference (``preference_reward``), in [0, 1]
 ---------------------------------------------
 Prompt-independent foreground (every chromatic pixel, whatever its hue); ``objectness`` x a
-weighted mean (``PREF_WEIGHTS``) of five smooth terms, each with a single optimum:
+weighted mean (``PREF_WEIGHTS``) of five smooth terms, each with one optimum but the background's:
   * size: log-normal bump of the foreground area around the area the prompt's shape has at
     circumradius ``PREF_RADIUS`` = 0.30 of the side (0.19 per object for pairs), std 1.0 in
     log-area below the optimum and 0.4 above;
@@ -46,15 +46,19 @@ weighted mean (``PREF_WEIGHTS``) of five smooth terms, each with a single optimu
     image centre;
   * saturation: mean HSV saturation of the (interior) foreground mapped from [0.3, 1] to
     [0, 1] -- optimum 1, a pure colour (the palette itself sits at ~0.8-0.9);
-  * background: Gaussian (std 0.3) in the background luma around ``PREF_BG_LUMA`` = 0.12;
+  * background: high contrast -- the larger of two Gaussians (std 0.2) in the background luma,
+    around ``PREF_BG_LUMA`` = (0.12, 0.88): near-black or near-white, both optimal;
   * upright: rotation (soft-argmax over the template bank) at 0 within the symmetry period
     (triangle/star point up, square/cross axis-aligned; circle and ring always 1).
 ``objectness`` = ramp of the best template Dice over (0.6, 0.9) x the vividness ramp: 1 for any
 clean, coloured shape, 0 for noise or blank images, so scattered colour cannot game the terms.
-Optimum: one large (r ~= 0.30), centred, fully saturated, upright object on a dark-grey
-background -- a single point in the space of free attributes, which is what makes GRPO on this
-reward collapse the diversity of "a red circle". Without prompts, the best-matching shape sets
-the target area (and a two-object image scores low: it is not one clean shape).
+Optimum: one large (r ~= 0.30), centred, fully saturated, upright object on a near-black or a
+near-white background -- two peaks in the space of free attributes, equally good. That is the
+paper's setting (its Fig. 4: several high-reward regions): mode-seeking GRPO concentrates "a red
+circle" on one of them (on this model, the dark one), a diversity-preserving method can keep both
+at full reward. With a single optimum every bit of kept diversity would cost reward. Without
+prompts, the best-matching shape sets the target area (and a two-object image scores low: it is
+not one clean shape).
 
 Both rewards are deterministic, float32, NaN-free on blank or noise images, and batched
 (64 images at 64x64: ~0.04 s each on one CPU core, after a one-off ~1-2 s template build). On
@@ -118,13 +122,13 @@ UPRIGHT_TEMPERATURE = 0.01
 
 PREF_RADIUS = 0.30
 PREF_PAIR_RADIUS = 0.19
-PREF_BG_LUMA = 0.12
+PREF_BG_LUMA = (0.12, 0.88)  # the two optimal background lumas (the world's range ends)
 PREF_WEIGHTS = {"size": 0.3, "centre": 0.25, "saturation": 0.2, "background": 0.15, "upright": 0.1}
 PREF_SAT_RANGE = (0.3, 1.0)  # mean HSV saturation mapped linearly to the saturation term
 PREF_OBJECTNESS = (0.6, 0.9)  # best template Dice ramp: the reward is gated by "one clean shape"
 PREF_SIZE_SIGMA = (1.0, 0.4)  # log-area std below / above the optimum
 PREF_CENTRE_SIGMA = 0.2
-PREF_BG_SIGMA = 0.3
+PREF_BG_SIGMA = 0.2
 
 _SQRT3_2 = math.sqrt(3.0) / 2.0
 _PALETTE_HUE = {}
@@ -508,10 +512,10 @@ def adherence_reward(images, prompts, return_terms: bool = False):
 @_single_threaded
 def preference_reward(images, prompts=None, weights: dict | None = None,
                       return_terms: bool = False):
-    """A smooth single-optimum "preference" in [0, 1] per image: float32 [B].
+    """A smooth two-peaked "preference" in [0, 1] per image: float32 [B].
 
     Optimum: one large (circumradius ~0.30 of the side), centred, fully saturated, upright object
-    on a dark-grey background (see the module docstring). ``prompts`` (optional) only set the
+    on a near-black or a near-white background (see the module docstring). ``prompts`` (optional) only set the
     target area (the shape's area at the optimum radius) and which shape's rotation is "upright";
     without them the best-matching shape is used.
     """
@@ -561,7 +565,8 @@ def preference_reward(images, prompts=None, weights: dict | None = None,
     luma = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
     wbg = (1.0 - cov) * (excess <= 0).float()
     bg_luma = ((luma * wbg).sum((1, 2)) + 0.5) / (wbg.sum((1, 2)) + 1.0)
-    background = torch.exp(-0.5 * ((bg_luma - PREF_BG_LUMA) / PREF_BG_SIGMA) ** 2)
+    background = torch.stack([torch.exp(-0.5 * ((bg_luma - peak) / PREF_BG_SIGMA) ** 2)
+                              for peak in PREF_BG_LUMA]).max(0).values
 
     best = _shape_scores(dice).max(1).values
     objectness = _smoothstep(best, *PREF_OBJECTNESS) * vivid
