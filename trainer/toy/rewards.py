@@ -55,7 +55,7 @@ clean, coloured shape, 0 for noise or blank images, so scattered colour cannot g
 Optimum: one large (r ~= 0.30), centred, fully saturated, upright object on a near-black or a
 near-white background -- two peaks in the space of free attributes, equally good. That is the
 paper's setting (its Fig. 4: several high-reward regions): mode-seeking GRPO concentrates "a red
-circle" on one of them (on this model, the dark one), a diversity-preserving method can keep both
+circle" on one of them (which one depends on the run), a diversity-preserving method can keep both
 at full reward. With a single optimum every bit of kept diversity would cost reward. Without
 prompts, the best-matching shape sets the target area (and a two-object image scores low: it is
 not one clean shape).
