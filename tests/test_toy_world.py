@@ -342,7 +342,8 @@ def test_preference_optimum_has_two_modes():
     rng = np.random.default_rng(4)
     data = np.stack([render(sample_scene(rng, "a green square")) for _ in range(64)])
     r_data = preference_reward(data, "a green square")
-    dark, mid, light = (render(_scene("square", "green", size=0.3, saturation=1.0, bg=bg)) for bg in (0.12, 0.5, 0.88))
+    dark, mid, light = (render(_scene("square", "green", size=0.3, saturation=1.0, bg=bg))
+                        for bg in (0.12, 0.5, 0.88))
     r_dark, r_mid, r_light = preference_reward(np.stack([dark, mid, light]), "a green square")
     assert min(r_dark, r_light) > r_data.max()
     assert abs(r_dark - r_light) < 0.02  # equally good peaks, a trough between them

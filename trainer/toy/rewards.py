@@ -515,9 +515,9 @@ def preference_reward(images, prompts=None, weights: dict | None = None,
     """A smooth two-peaked "preference" in [0, 1] per image: float32 [B].
 
     Optimum: one large (circumradius ~0.30 of the side), centred, fully saturated, upright object
-    on a near-black or a near-white background (see the module docstring). ``prompts`` (optional) only set the
-    target area (the shape's area at the optimum radius) and which shape's rotation is "upright";
-    without them the best-matching shape is used.
+    on a near-black or a near-white background (see the module docstring). ``prompts``
+    (optional) only set the target area (the shape's area at the optimum radius) and which
+    shape's rotation is "upright"; without them the best-matching shape is used.
     """
     x = to_image_tensor(images)
     bsz = x.shape[0]
