@@ -192,24 +192,32 @@ def pcvae_penalty(gain: torch.Tensor, calibration: torch.Tensor, one_sided: bool
     return per_step.mean(-1)
 
 
-def pec_bonus(energy: torch.Tensor, group_size: int, step_norm: str = "zscore", eps: float = 1e-4) -> torch.Tensor:
+def pec_bonus(
+    energy: torch.Tensor, group_size: int, step_norm: str = "zscore", eps: float = 1e-4, clip: Optional[float] = None
+) -> torch.Tensor:
     """PEC reward bonus (paper eq. 17/19): ``agg_t(e_t)``, so that ``r̃ = r + β·pec_bonus``.
 
     ``energy`` is ``[N, T]`` (N = groups × ``group_size`` samples, group-contiguous; T trained steps).
     ``step_norm="zscore"`` standardises each step's energy within its group first —
-    ``(e - mean_group) / (std_group + eps)`` — so β means the same for every encoder and schedule;
-    ``"none"`` averages the raw energies (eq. 19 literally). → ``[N]``.
+    ``z = (e - mean_group) / (std_group + eps)`` — so β means the same for every encoder and schedule;
+    ``"none"`` averages the raw energies (eq. 19 literally). ``clip`` (z-scores only) bounds each
+    ``z`` to ``±clip`` before the mean: the samples the injected noise moves most in feature space
+    (degenerate, noise-sensitive images among them) earn no more than ``clip``. → ``[N]``.
     """
     if energy.dim() != 2 or energy.shape[0] % group_size:
         raise PECError(f"energy must be [N, T] with N a multiple of group_size {group_size}, got {tuple(energy.shape)}")
+    if step_norm not in ("zscore", "none"):
+        raise PECError(f"step_norm must be 'zscore' or 'none', got {step_norm!r}")
+    if clip is not None and step_norm != "zscore":
+        raise PECError(f"clip bounds z-scores: it needs step_norm='zscore', got {step_norm!r}")
     e = energy.float()
     if step_norm == "zscore":
         grouped = e.reshape(-1, group_size, e.shape[1])
         mean = grouped.mean(dim=1, keepdim=True)
         std = grouped.std(dim=1, unbiased=False, keepdim=True)
         e = ((grouped - mean) / (std + eps)).reshape_as(e)
-    elif step_norm != "none":
-        raise PECError(f"step_norm must be 'zscore' or 'none', got {step_norm!r}")
+        if clip is not None:
+            e = e.clamp(-clip, clip)
     return e.mean(dim=1)
 
 

@@ -54,6 +54,10 @@ def test_impossible_group_size_states_the_rule():
         load_config("demo", None, ["train.group_size=1"])
     with pytest.raises(ConfigError, match="start_max"):
         load_config("demo", None, ["sampling.window.start_min=3", "sampling.window.start_max=1"])
+    with pytest.raises(ConfigError, match="pec.bonus_clip bounds z-scored energies"):
+        load_config("demo", None, ["pec.bonus_clip=1.0", "pec.step_norm=none"])
+    with pytest.raises(ConfigError, match="bonus_clip"):
+        load_config("demo", None, ["pec.bonus_clip=0"])
 
 
 def test_unknown_preset_suggests():

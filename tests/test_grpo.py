@@ -68,3 +68,18 @@ def test_pec_bonus_zscore_and_raw():
     with pytest.raises(PECError):
         pec_bonus(e, group_size=3)
     assert math.isfinite(float(pec_bonus(torch.ones(4, 3), 2).sum()))
+
+
+def test_pec_bonus_clip_bounds_each_step_z_score():
+    # One group of 4, two steps: an outlier sample (z = √3 at step 0) and a spread-out step 1.
+    e = torch.tensor([[10.0, 1.0], [0.0, 2.0], [0.0, 3.0], [0.0, 4.0]])
+    g = e[None]
+    z = ((g - g.mean(1, keepdim=True)) / (g.std(1, unbiased=False, keepdim=True) + 1e-4))[0]
+    assert float(z.abs().max()) > 1.7
+    clipped = pec_bonus(e, group_size=4, clip=1.0)
+    torch.testing.assert_close(clipped, z.clamp(-1.0, 1.0).mean(1))
+    assert float(clipped.max()) <= 1.0 and float(clipped[0]) < float(pec_bonus(e, 4)[0])
+    # A clip above every |z| changes nothing; raw energies have no scale to clip against.
+    torch.testing.assert_close(pec_bonus(e, 4, clip=10.0), pec_bonus(e, 4))
+    with pytest.raises(PECError, match="step_norm='zscore'"):
+        pec_bonus(e, 4, step_norm="none", clip=1.0)

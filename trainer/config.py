@@ -200,6 +200,9 @@ class PecConfig(_Section):
     normalize_features: bool = True
     decode: Literal["noisy", "x0"] = "noisy"
     step_norm: Literal["zscore", "none"] = "zscore"
+    bonus_clip: Optional[float] = Field(
+        None, gt=0, description="PEC: bound each step's z-scored energy to ±bonus_clip (null = unbounded, eq. 17)"
+    )
     one_sided: bool = Field(False, description="PCVAE: penalise only gains below the calibration")
     chunk_size: int = Field(32, ge=1, description="images per decode/encode chunk")
 
@@ -306,6 +309,8 @@ class Config(_Section):
             raise ValueError(f"sampling.window.start_max ({w.start_max}) must be >= start_min ({w.start_min})")
         if not self.rewards:
             raise ValueError("rewards must name at least one reward")
+        if self.pec.bonus_clip is not None and self.pec.step_norm != "zscore":
+            raise ValueError("pec.bonus_clip bounds z-scored energies: it needs pec.step_norm=zscore")
         fsdp = self.distributed.fsdp
         if fsdp.enabled and fsdp.activation_checkpointing and self.model.gradient_checkpointing:
             raise ValueError(

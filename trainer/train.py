@@ -227,7 +227,8 @@ def shaped_rewards(
     pec = config.pec
     shaped = rewards
     if pec.method == "pec":
-        shaped = rewards + pec.beta * pec_bonus(stats.energy, config.train.group_size, pec.step_norm)
+        bonus = pec_bonus(stats.energy, config.train.group_size, pec.step_norm, clip=pec.bonus_clip)
+        shaped = rewards + pec.beta * bonus
     elif pec.method == "pcvae":
         gain = pcvae_gain(stats.energy, stats.latent_energy, stats.feat_dim, stats.latent_dim)
         shaped = rewards - pec.beta * pcvae_penalty(gain, calibration[steps], one_sided=pec.one_sided)
