@@ -16,9 +16,9 @@ import argparse
 import math
 
 import torch
+from timing import time_calls  # benchmarks/ is on the path when a script here runs
 
 from comfy_pec.diversity import feature_variance, mean_pairwise_distance, vendi_score
-from timing import time_calls  # benchmarks/ is on the path when a script here runs
 
 ORDERS = (1.0, 2.0, math.inf)
 

@@ -15,18 +15,24 @@ import argparse
 import tempfile
 
 import torch
+from timing import time_calls  # benchmarks/ is on the path when a script here runs
 
 from comfy_pec.encoders import load_encoder
 from comfy_pec.nodes.definitions import SPECS
-from timing import time_calls  # benchmarks/ is on the path when a script here runs
 
 
 def dinov2_small_sized(folder: str):
     """The DINOv2 perceptual encoder on a randomly initialised DINOv2-small saved in ``folder``."""
     from transformers import Dinov2Config, Dinov2Model
 
-    config = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
-                          patch_size=14, image_size=518)
+    config = Dinov2Config(
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        intermediate_size=1536,
+        patch_size=14,
+        image_size=518,
+    )
     Dinov2Model(config).save_pretrained(folder)
     return load_encoder("dinov2", path=folder)
 
@@ -52,8 +58,10 @@ def main() -> None:
     times, result = time_calls(run_node, args.repeats)
     best = min(times)
     vendi = result.outputs[0]
-    print(f"PEC Batch Diversity: {args.images} images at {args.size}x{args.size}, DINOv2-small-sized encoder, "
-          f"{args.threads} threads")
+    print(
+        f"PEC Batch Diversity: {args.images} images at {args.size}x{args.size}, DINOv2-small-sized encoder, "
+        f"{args.threads} threads"
+    )
     print(f"  best of {args.repeats}: {best:.2f} s ({best / args.images * 1000:.0f} ms per image), Vendi {vendi:.3f}")
 
 

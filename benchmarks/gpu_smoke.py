@@ -36,20 +36,35 @@ PHASES = ("time_rollout", "time_reward", "time_perceptual", "time_update", "time
 
 # Published sizes: PickScore_v1 is a CLIP-H/14 (laion2B), DINOv2-L/14 (facebook/dinov2-large).
 PICKSCORE = dict(
-    text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-              max_position_embeddings=77, hidden_act="gelu"),
-    vision=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                image_size=224, patch_size=14, hidden_act="gelu"),
+    text=dict(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+    ),
+    vision=dict(
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_hidden_layers=32,
+        num_attention_heads=16,
+        image_size=224,
+        patch_size=14,
+        hidden_act="gelu",
+    ),
     projection_dim=1024,
-)  # fmt: skip
+)
 DINOV2 = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, patch_size=14, image_size=518)
 TINY_PICKSCORE = dict(
-    text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-              max_position_embeddings=77),
-    vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
-                patch_size=14),
+    text=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77
+    ),
+    vision=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    ),
     projection_dim=16,
-)  # fmt: skip
+)
 TINY_DINOV2 = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=14, image_size=28)
 
 
@@ -63,11 +78,18 @@ def save_reward_models(folder: Path, tiny: bool) -> tuple[Path, Path]:
     spec, dino = (TINY_PICKSCORE, TINY_DINOV2) if tiny else (PICKSCORE, DINOV2)
     tokenizer = clip_tokenizer(77)
     eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
-    text = dict(spec["text"], vocab_size=len(tokenizer), eos_token_id=eos, pad_token_id=eos,
-                bos_token_id=tokenizer.convert_tokens_to_ids(tokenizer.bos_token))  # fmt: skip
+    text = dict(
+        spec["text"],
+        vocab_size=len(tokenizer),
+        eos_token_id=eos,
+        pad_token_id=eos,
+        bos_token_id=tokenizer.convert_tokens_to_ids(tokenizer.bos_token),
+    )
     torch.manual_seed(0)
     pickscore, dinov2 = folder / "pickscore", folder / "dinov2"
-    CLIPModel(CLIPConfig(text_config=text, vision_config=spec["vision"], projection_dim=spec["projection_dim"])).save_pretrained(pickscore)
+    CLIPModel(
+        CLIPConfig(text_config=text, vision_config=spec["vision"], projection_dim=spec["projection_dim"])
+    ).save_pretrained(pickscore)
     tokenizer.save_pretrained(pickscore)
     write_tokenizer_files(pickscore)
     Dinov2Model(Dinov2Config(**dino)).save_pretrained(dinov2)
@@ -86,14 +108,22 @@ def model_config(name: str, args, folder: Path, reward_dir: Path, encoder_dir: P
     settings = {
         "model": {"path": f"random-init/{name}", "device": device, "dtype": dtype},
         "rewards": [{"name": "pickscore", "path": str(reward_dir)}],
-        "pec": {"encoder": args.encoder, "encoder_path": str(reward_dir if args.encoder == "pickscore" else encoder_dir)},
+        "pec": {
+            "encoder": args.encoder,
+            "encoder_path": str(reward_dir if args.encoder == "pickscore" else encoder_dir),
+        },
         "prompts": {"train": PROMPTS[: args.prompts], "eval": PROMPTS[:1]},
-        "train": {"iterations": 2, "prompts_per_iteration": args.prompts, "group_size": args.group,
-                  "batch_size": args.batch or args.group},
+        "train": {
+            "iterations": 2,
+            "prompts_per_iteration": args.prompts,
+            "group_size": args.group,
+            "batch_size": args.batch or args.group,
+        },
         "sampling": {"resolution": args.resolution},
-        "checkpoint": {"every": 10}, "report": {"grid_prompts": 1, "grid_seeds": [0]},
+        "checkpoint": {"every": 10},
+        "report": {"grid_prompts": 1, "grid_seeds": [0]},
         "run": {"dir": str(folder / name), "progress": False, "tensorboard": "off"},
-    }  # fmt: skip
+    }
     if args.tiny:
         settings["sampling"]["num_steps"] = 3
         settings["lora"] = {"rank": 4, "alpha": 8}
@@ -115,9 +145,14 @@ def build_backend(name: str, config, args):
     pipe = build_pipeline(spec, device=m.device, dtype=getattr(torch, m.dtype))
     backend_cls = SD3Backend if spec.family == "sd3" else FluxBackend
     backend = backend_cls.wrap(
-        pipe, m.device, {**spec.defaults, "resolution": args.resolution}, source=m.path, prompt_cache=m.prompt_cache,
-        offload_text_encoders=m.offload_text_encoders, gradient_checkpointing=m.gradient_checkpointing,
-    )  # fmt: skip
+        pipe,
+        m.device,
+        {**spec.defaults, "resolution": args.resolution},
+        source=m.path,
+        prompt_cache=m.prompt_cache,
+        offload_text_encoders=m.offload_text_encoders,
+        gradient_checkpointing=m.gradient_checkpointing,
+    )
     return backend, spec
 
 
@@ -135,9 +170,11 @@ def run_model(name: str, args, folder: Path, reward_dir: Path, encoder_dir: Path
         torch.cuda.synchronize()
         static = torch.cuda.memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
-    print(f"\n== {name}: transformer {params:,.1f} M params, built in {built:.1f} s, "
-          f"{args.prompts} prompt(s) x group {args.group} at {args.resolution}², {config.sampling.num_steps or spec.defaults.get('num_steps')} steps, "
-          f"LoRA r={config.lora.rank}, encoder {args.encoder}, {dtype}")  # fmt: skip
+    print(
+        f"\n== {name}: transformer {params:,.1f} M params, built in {built:.1f} s, "
+        f"{args.prompts} prompt(s) x group {args.group} at {args.resolution}², {config.sampling.num_steps or spec.defaults.get('num_steps')} steps, "
+        f"LoRA r={config.lora.rank}, encoder {args.encoder}, {dtype}"
+    )
     if device == "cuda":
         print(f"   GPU memory after building: {static:.1f} GiB")
 
@@ -146,9 +183,11 @@ def run_model(name: str, args, folder: Path, reward_dir: Path, encoder_dir: Path
         phases = "  ".join(f"{k.removeprefix('time_')} {row[k]:.2f}s" for k in PHASES if k in row)
         print(f"   iteration {row['iteration']}: {phases}")
     if device == "cuda":
-        print(f"   peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB allocated, "
-              f"{torch.cuda.max_memory_reserved() / 2**30:.1f} GiB reserved (of "
-              f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)")  # fmt: skip
+        print(
+            f"   peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB allocated, "
+            f"{torch.cuda.max_memory_reserved() / 2**30:.1f} GiB reserved (of "
+            f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
+        )
     del backend
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -159,7 +198,9 @@ def add_size_arguments(parser: argparse.ArgumentParser, default_group: int) -> N
     parser.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU (tests the script)")
     parser.add_argument("--resolution", type=int, default=None, help="default 512 (32 with --tiny)")
     parser.add_argument("--prompts", type=int, default=1, choices=[1, 2], help="prompt groups per iteration")
-    parser.add_argument("--group", type=int, default=None, help=f"samples per prompt (default {default_group}, 2 with --tiny)")
+    parser.add_argument(
+        "--group", type=int, default=None, help=f"samples per prompt (default {default_group}, 2 with --tiny)"
+    )
     parser.add_argument("--batch", type=int, default=None, help="micro-batch (default: the group size)")
     parser.add_argument("--encoder", choices=["dinov2", "pickscore"], default="dinov2")
     parser.set_defaults(full_size_group=default_group)
@@ -171,7 +212,9 @@ def parse_sizes(parser: argparse.ArgumentParser, argv):
     args.resolution = args.resolution or (32 if args.tiny else 512)
     args.group = args.group or (2 if args.tiny else args.full_size_group)
     if not args.tiny and not torch.cuda.is_available():
-        print(f"{parser.prog}: no CUDA device here; run it on a GPU machine, or with --tiny for a CPU check of the script.")
+        print(
+            f"{parser.prog}: no CUDA device here; run it on a GPU machine, or with --tiny for a CPU check of the script."
+        )
         return None
     torch.manual_seed(0)
     return args

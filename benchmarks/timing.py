@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def time_calls(fn: Callable[[], Any], repeats: int) -> tuple[list[float], Any]:

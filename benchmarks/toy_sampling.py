@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 
 import torch
+from timing import time_calls  # benchmarks/ is on the path when a script here runs
 
 from trainer.backends import load_backend
 from trainer.sampling import sample_images
-from timing import time_calls  # benchmarks/ is on the path when a script here runs
 
 
 def main() -> None:
@@ -27,12 +27,16 @@ def main() -> None:
     prompts = ["a red circle"] * args.images
     sample_images(backend, prompts[:2], [0, 1], num_steps=2, progress=False)  # warm-up
     times, _ = time_calls(
-        lambda: sample_images(backend, prompts, list(range(args.images)), num_steps=args.steps, batch_size=args.images, progress=False),
+        lambda: sample_images(
+            backend, prompts, list(range(args.images)), num_steps=args.steps, batch_size=args.images, progress=False
+        ),
         args.repeats,
-    )  # fmt: skip
+    )
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
-    print(f"{args.images} images x {args.steps} steps (CFG {backend.defaults['guidance_scale']}, "
-          f"{backend.defaults['resolution']} px): best {min(times):.2f} s, mean {sum(times) / len(times):.2f} s")
+    print(
+        f"{args.images} images x {args.steps} steps (CFG {backend.defaults['guidance_scale']}, "
+        f"{backend.defaults['resolution']} px): best {min(times):.2f} s, mean {sum(times) / len(times):.2f} s"
+    )
 
 
 if __name__ == "__main__":

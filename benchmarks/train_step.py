@@ -26,8 +26,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_smoke import (  # noqa: E402
-    PHASES, PRESETS, PROMPTS, add_size_arguments, build_backend, model_config, parse_sizes, save_reward_models,
-)  # fmt: skip
+    PHASES,
+    PRESETS,
+    PROMPTS,
+    add_size_arguments,
+    build_backend,
+    model_config,
+    parse_sizes,
+    save_reward_models,
+)
 
 #: benchmark method -> pec.method
 METHODS = {"flow-grpo": "none", "pec": "pec", "pcvae": "pcvae"}
@@ -65,10 +72,12 @@ def run_method(method: str, backend, name: str, args, folder: Path, models: tupl
     from trainer.train import train
 
     overrides = [
-        f"pec.method={METHODS[method]}", f"train.iterations={args.iterations}", f"run.dir={folder / method}",
+        f"pec.method={METHODS[method]}",
+        f"train.iterations={args.iterations}",
+        f"run.dir={folder / method}",
         f"model.compile={str(args.compile).lower()}",
         "run.perceptual_stats=false",  # flow-grpo skips the perceptual phase: the ratios are PEC's real overhead
-    ]  # fmt: skip
+    ]
     config = model_config(name, args, folder, *models, overrides)
     if torch.cuda.is_available() and not args.tiny:
         torch.cuda.empty_cache()
@@ -91,15 +100,19 @@ def print_table(results: dict[str, dict[str, float]], flops: float, peak: float 
         mfu = f"{flops / r['time_rollout'] / peak:.1%}" if peak else "n/a"
         cells = "".join(f"{r[p]:>11.2f}s" for p in PHASES)
         print(f"   {method:<10}{cells}{r['images_per_s']:>10.2f}{r['peak_gib']:>10.1f}{mfu:>8}")
-    print(f"   rollout: {flops / 1e12:.4g} TFLOP of transformer forwards per iteration"
-          + ("" if peak else "; MFU needs a known GPU or --peak-tflops"))  # fmt: skip
+    print(
+        f"   rollout: {flops / 1e12:.4g} TFLOP of transformer forwards per iteration"
+        + ("" if peak else "; MFU needs a known GPU or --peak-tflops")
+    )
     base = results.get("flow-grpo")
     for method, r in results.items():
         if base is not None and method != "flow-grpo":
             memory = r["peak_gib"] / base["peak_gib"] if base["peak_gib"] > 0 else float("nan")
-            print(f"   {method} vs flow-grpo: iteration time x{r['time_total'] / base['time_total']:.3f}, "
-                  f"peak memory x{memory:.3f}; perceptual phase {r['time_perceptual'] / r['time_total']:.1%} "
-                  "of its iteration")  # fmt: skip
+            print(
+                f"   {method} vs flow-grpo: iteration time x{r['time_total'] / base['time_total']:.3f}, "
+                f"peak memory x{memory:.3f}; perceptual phase {r['time_perceptual'] / r['time_total']:.1%} "
+                "of its iteration"
+            )
 
 
 def main(argv=None) -> int:
@@ -123,9 +136,11 @@ def main(argv=None) -> int:
         config = model_config(args.model, args, folder, *models)
         backend, spec = build_backend(args.model, config, args)
         params = sum(p.numel() for p in backend.transformer.parameters()) / 1e6
-        print(f"== {args.model}{' (tiny)' if args.tiny else ''}: transformer {params:,.1f} M params, "
-              f"{args.prompts} prompt(s) x group {args.group} at {args.resolution}², {config.model.dtype}, "
-              f"{args.iterations} iterations per method")  # fmt: skip
+        print(
+            f"== {args.model}{' (tiny)' if args.tiny else ''}: transformer {params:,.1f} M params, "
+            f"{args.prompts} prompt(s) x group {args.group} at {args.resolution}², {config.model.dtype}, "
+            f"{args.iterations} iterations per method"
+        )
         flops = rollout_flops(backend, config)
         results = {method: run_method(method, backend, args.model, args, folder, models) for method in methods}
         print_table(results, flops, peak_flops(args.peak_tflops))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +34,7 @@ __all__ = [
     "similarity_heatmap",
 ]
 
-Images = Union[torch.Tensor, Sequence[torch.Tensor]]
+Images = torch.Tensor | Sequence[torch.Tensor]
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 
 ONE_IMAGE_NOTE = "one image: Vendi is 1 and the variance 0 by definition; score a batch of several images"
@@ -71,7 +70,9 @@ def embed_images(encoder: Encoder, images: Images, batch_size: int = 16) -> tupl
     """Features ``[N, D]`` float32 on the CPU of all images, in order, ``batch_size`` at a time, and notes
     (mixed sizes). Each chunk goes through ``encoder`` at its own size (it resizes to its input)."""
     batches = as_image_list(images)
-    feats = [encoder(batch[i : i + batch_size]).float().cpu() for batch in batches for i in range(0, len(batch), batch_size)]
+    feats = [
+        encoder(batch[i : i + batch_size]).float().cpu() for batch in batches for i in range(0, len(batch), batch_size)
+    ]
     return torch.cat(feats), _mixed_sizes(batches, "each is embedded at the encoder's input size")
 
 
@@ -122,8 +123,10 @@ class DiversityResult:
             f"mean pairwise cosine distance: {self.distance:.4f}",
         ]
         if groups > 1:
-            lines += [f"  group {i}: Vendi {v:.3f}  variance {var:.4f}  distance {d:.4f}"
-                      for i, (v, var, d) in enumerate(self.per_group)]
+            lines += [
+                f"  group {i}: Vendi {v:.3f}  variance {var:.4f}  distance {d:.4f}"
+                for i, (v, var, d) in enumerate(self.per_group)
+            ]
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
@@ -148,7 +151,9 @@ def diversity_of(features: torch.Tensor, q: float = 1.0, group_size: int = 0) ->
 # --------------------------------------------------------------------------------------------------
 
 # A dark-blue → teal → yellow ramp (perceptually ordered, readable for colour-blind viewers).
-_RAMP = torch.tensor([[0.15, 0.05, 0.35], [0.20, 0.35, 0.55], [0.15, 0.60, 0.55], [0.45, 0.80, 0.35], [0.99, 0.90, 0.15]])
+_RAMP = torch.tensor(
+    [[0.15, 0.05, 0.35], [0.20, 0.35, 0.55], [0.15, 0.60, 0.55], [0.45, 0.80, 0.35], [0.99, 0.90, 0.15]]
+)
 
 
 def _colormap(values: torch.Tensor) -> torch.Tensor:
@@ -220,7 +225,9 @@ class ProbeResult:
             f"Vendi of the draws: {self.vendi:.3f} (of {repeats})",
         ]
         if len(self.per_state) > 1:
-            lines += [f"  state {i}: H_A {h:.4f}  e {e:.4f}  Vendi {v:.3f}" for i, (h, e, v) in enumerate(self.per_state)]
+            lines += [
+                f"  state {i}: H_A {h:.4f}  e {e:.4f}  Vendi {v:.3f}" for i, (h, e, v) in enumerate(self.per_state)
+            ]
         return "\n".join(lines)
 
 

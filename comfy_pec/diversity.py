@@ -7,7 +7,6 @@ computed in one batched call); the per-set results are then a 0-d tensor or ``[P
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +58,7 @@ def vendi_score(
     q: float = 1.0,
     *,
     dtype: torch.dtype = torch.float32,
-    eig_tol: Optional[float] = None,
+    eig_tol: float | None = None,
 ) -> torch.Tensor:
     """Vendi score of order q: the effective number of distinct samples under a cosine kernel.
 
@@ -129,7 +128,7 @@ def mean_pairwise_distance(features: torch.Tensor) -> torch.Tensor:
 # Perceptual entropy (DESIGN §5)
 # --------------------------------------------------------------------------------------------------
 
-Std = Union[float, torch.Tensor]
+Std = float | torch.Tensor
 
 
 def _std_per_sample(std: Std, batch: int, device) -> torch.Tensor:
@@ -193,7 +192,7 @@ def pcvae_penalty(gain: torch.Tensor, calibration: torch.Tensor, one_sided: bool
 
 
 def pec_bonus(
-    energy: torch.Tensor, group_size: int, step_norm: str = "zscore", eps: float = 1e-4, clip: Optional[float] = None
+    energy: torch.Tensor, group_size: int, step_norm: str = "zscore", eps: float = 1e-4, clip: float | None = None
 ) -> torch.Tensor:
     """PEC reward bonus (paper eq. 17/19): ``agg_t(e_t)``, so that ``r̃ = r + β·pec_bonus``.
 

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import json
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +72,7 @@ class Preprocess:
     """
 
     size: int
-    resize: Optional[int] = None
+    resize: int | None = None
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     mode: str = "bicubic"
@@ -167,40 +167,58 @@ class ToyEncoder(PerceptualEncoder):
 
     name = "toy"
 
-    def __init__(self, input_size: int = 64, stem=TOY_ENCODER_CONFIG["stem"],
-                 stages=TOY_ENCODER_CONFIG["stages"], hidden: int = 256, dim: int = 128,
-                 normalize: bool = True):
+    def __init__(
+        self,
+        input_size: int = 64,
+        stem=TOY_ENCODER_CONFIG["stem"],
+        stages=TOY_ENCODER_CONFIG["stages"],
+        hidden: int = 256,
+        dim: int = 128,
+        normalize: bool = True,
+    ):
         super().__init__(normalize)
         self.input_size, self.dim = int(input_size), int(dim)
         self.pixels = Preprocess(self.input_size, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), mode="bilinear")
-        self.config = dict(input_size=self.input_size, stem=list(stem),
-                           stages=[list(s) for s in stages], hidden=int(hidden), dim=self.dim)
+        self.config = dict(
+            input_size=self.input_size,
+            stem=list(stem),
+            stages=[list(s) for s in stages],
+            hidden=int(hidden),
+            dim=self.dim,
+        )
         cin, patch = stem
         layers = [torch.nn.Conv2d(3, cin, patch, patch), torch.nn.BatchNorm2d(cin), torch.nn.SiLU()]
         side = self.input_size // patch
         for cout, stride in stages:
-            layers += [torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
-                       torch.nn.BatchNorm2d(cout), torch.nn.SiLU()]
+            layers += [
+                torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+                torch.nn.BatchNorm2d(cout),
+                torch.nn.SiLU(),
+            ]
             cin, side = cout, (side + stride - 1) // stride
         self.convs = torch.nn.Sequential(*layers)
-        self.head = torch.nn.Sequential(torch.nn.Flatten(),
-                                        torch.nn.Linear(cin * side * side, hidden),
-                                        torch.nn.SiLU(), torch.nn.Linear(hidden, dim))
+        self.head = torch.nn.Sequential(
+            torch.nn.Flatten(),
+            torch.nn.Linear(cin * side * side, hidden),
+            torch.nn.SiLU(),
+            torch.nn.Linear(hidden, dim),
+        )
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.head(self.convs(pixels))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, normalize: bool = True,
-                        device="cpu") -> ToyEncoder:
+    def from_pretrained(cls, path: str | Path | None = None, normalize: bool = True, device="cpu") -> ToyEncoder:
         """Load ``<stem>.safetensors`` + ``<stem>.json`` (default: the shipped weights), eval mode."""
         from safetensors.torch import load_file
 
         weights = Path(path) if path is not None else ASSETS_DIR / "toy_encoder.safetensors"
         config_file = weights.with_suffix(".json")
         if not weights.is_file() or not config_file.is_file():
-            raise PECError(f"toy encoder weights not found: {weights} (+ {config_file.name}); "
-                           "train them with `pec toy train-encoder`")
+            raise PECError(
+                f"toy encoder weights not found: {weights} (+ {config_file.name}); "
+                "train them with `pec toy train-encoder`"
+            )
         model = cls(**json.loads(config_file.read_text()), normalize=normalize)
         model.load_state_dict(load_file(str(weights)))
         return model.to(device).eval().requires_grad_(False)
@@ -232,11 +250,11 @@ class FeatureMemo:
     """
 
     def __init__(self):
-        self._images: Optional[torch.Tensor] = None
+        self._images: torch.Tensor | None = None
         self._version = -1
-        self._features: Optional[torch.Tensor] = None
+        self._features: torch.Tensor | None = None
 
-    def lookup(self, images: torch.Tensor) -> Optional[torch.Tensor]:
+    def lookup(self, images: torch.Tensor) -> torch.Tensor | None:
         """Features ``[B, D]`` of ``images`` if they are (a row range of) the stored batch, else None."""
         base = self._images
         if base is None or images.dim() != base.dim() or images.dtype != base.dtype:
@@ -288,10 +306,13 @@ def _clip_pixels(config) -> Preprocess:
 
 def _clip_tower(default: str) -> TowerSpec:
     return TowerSpec(
-        "CLIPModel", ("clip",), default, _clip_pixels,
+        "CLIPModel",
+        ("clip",),
+        default,
+        _clip_pixels,
         lambda model, px: pooled_output(model.get_image_features(pixel_values=px)),
         lambda config: config.projection_dim,
-    )  # fmt: skip
+    )
 
 
 #: the real towers by kind. The full CLIPModel is loaded for "clip" / "pickscore" (not only the
@@ -299,11 +320,13 @@ def _clip_tower(default: str) -> TowerSpec:
 TOWERS: dict[str, TowerSpec] = {
     # CLS token after the final layernorm; BitImageProcessor: shortest side 256, crop 224, ImageNet stats.
     "dinov2": TowerSpec(
-        "Dinov2Model", ("dinov2",), "facebook/dinov2-base",
+        "Dinov2Model",
+        ("dinov2",),
+        "facebook/dinov2-base",
         lambda config: Preprocess(224, resize=256, mean=IMAGENET_MEAN, std=IMAGENET_STD),
         lambda model, px: model(pixel_values=px).pooler_output,
         lambda config: config.hidden_size,
-    ),  # fmt: skip
+    ),
     "clip": _clip_tower("openai/clip-vit-large-patch14"),
     "pickscore": _clip_tower("yuvalkirstain/PickScore_v1"),
 }
@@ -328,7 +351,7 @@ class ImageTower(torch.nn.Module):
         self.memo = FeatureMemo()
 
     @classmethod
-    def load(cls, kind: str, path: Optional[str | Path] = None, device="cpu") -> ImageTower:
+    def load(cls, kind: str, path: str | Path | None = None, device="cpu") -> ImageTower:
         """Load the tower's weights from a hub id or local directory (default: :data:`TOWERS` ``default``)."""
         import transformers
 
@@ -336,15 +359,16 @@ class ImageTower(torch.nn.Module):
 
         spec = TOWERS[kind]
         source = str(path) if path is not None else spec.default
-        model = load_model(getattr(transformers, spec.model_class), source, spec.model_types,
-                           f"image tower {kind!r}", device)
+        model = load_model(
+            getattr(transformers, spec.model_class), source, spec.model_types, f"image tower {kind!r}", device
+        )
         return cls(kind, model, source)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def forward(self, images: torch.Tensor, batch_size: Optional[int] = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """Images in [0, 1] (any :func:`to_nchw` layout) → raw features ``[B, D]`` float32,
         ``batch_size`` images at a time (all at once by default)."""
         # inference tensors (ComfyUI runs under inference_mode) have no version counter to key on
@@ -369,7 +393,7 @@ def _device_key(device) -> torch.device:
     return device
 
 
-def shared_tower(kind: str, path: Optional[str | Path] = None, device="cpu") -> ImageTower:
+def shared_tower(kind: str, path: str | Path | None = None, device="cpu") -> ImageTower:
     """The :class:`ImageTower` for (kind, weights, device), loaded on first use and shared while
     anyone holds it (a weak cache: dropping every user frees the model)."""
     from .pretrained import is_local
@@ -401,7 +425,7 @@ class TowerEncoder(PerceptualEncoder):
         return self.tower(images)
 
     @classmethod
-    def from_pretrained(cls, path: Optional[str | Path] = None, normalize: bool = True, device="cpu") -> TowerEncoder:
+    def from_pretrained(cls, path: str | Path | None = None, normalize: bool = True, device="cpu") -> TowerEncoder:
         return cls(shared_tower(cls.name, path, device), normalize)
 
 
@@ -427,8 +451,9 @@ class PickScoreEncoder(TowerEncoder):
 ENCODERS = {"toy": ToyEncoder, "dinov2": DINOv2Encoder, "clip": CLIPEncoder, "pickscore": PickScoreEncoder}
 
 
-def load_encoder(name: str = "toy", *, normalize: bool = True, device="cpu",
-                 path: str | Path | None = None) -> PerceptualEncoder:
+def load_encoder(
+    name: str = "toy", *, normalize: bool = True, device="cpu", path: str | Path | None = None
+) -> PerceptualEncoder:
     """A perceptual encoder by name, with its weights (``path``: hub id or local directory; for
     ``toy`` a ``.safetensors`` file), frozen, in eval mode."""
     if name not in ENCODERS:

@@ -45,11 +45,22 @@ FILE_PREFIX = "transformer."
 # safetensors' own header limit; anything larger is refused before reading it.
 _MAX_HEADER_BYTES = 100_000_000
 _DTYPE_BITS = {
-    "BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8,
-    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
-    "I32": 32, "U32": 32, "F32": 32,
-    "I64": 64, "U64": 64, "F64": 64,
-}  # fmt: skip
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E4M3": 8,
+    "F8_E5M2": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "I64": 64,
+    "U64": 64,
+    "F64": 64,
+}
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}  # what a LoRA tensor may be stored as
 _SAVE_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
 

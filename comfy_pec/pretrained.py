@@ -10,14 +10,14 @@ huggingface_hub are imported inside the functions: importing this module is chea
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 from . import PECError
 
 __all__ = ["is_local", "load_model", "resolve_file"]
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 
 def is_local(name: PathLike) -> bool:
@@ -60,7 +60,7 @@ def load_model(cls, name: PathLike, model_types: Sequence[str], what: str, devic
     return model.float().to(device).eval().requires_grad_(False)
 
 
-def resolve_file(name: PathLike, filename: str, what: str, url: Optional[str] = None) -> Path:
+def resolve_file(name: PathLike, filename: str, what: str, url: str | None = None) -> Path:
     """A weights/config file: ``name`` itself (a file), ``name/filename`` (a directory), or
     ``filename`` from the hub repository ``name`` (downloaded or taken from the local cache).
 

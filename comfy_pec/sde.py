@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import torch
 
 from . import PECError
 
-Sigma = Union[float, torch.Tensor]
+Sigma = float | torch.Tensor
 
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -151,7 +150,7 @@ def _prepare(x, v, sigma, sigma_next):
     return x32, v32, s, s_next, s - s_next
 
 
-def _draw(noise: Optional[torch.Tensor], like: torch.Tensor, generator) -> torch.Tensor:
+def _draw(noise: torch.Tensor | None, like: torch.Tensor, generator) -> torch.Tensor:
     if noise is not None:
         return noise.to(device=like.device, dtype=torch.float32)
     # Drawn on the generator's device (CPU by default) so a seed gives the same noise on any device.
@@ -173,9 +172,9 @@ def flow_sde_step(
     sigma: Sigma,
     sigma_next: Sigma,
     noise_level: float,
-    noise: Optional[torch.Tensor] = None,
-    sigma_1: Optional[Sigma] = None,
-    generator: Optional[torch.Generator] = None,
+    noise: torch.Tensor | None = None,
+    sigma_1: Sigma | None = None,
+    generator: torch.Generator | None = None,
 ) -> StepResult:
     """Flow-SDE step of Flow-GRPO (Euler-Maruyama of the marginal-preserving reverse SDE).
 
@@ -207,9 +206,9 @@ def cps_step(
     sigma: Sigma,
     sigma_next: Sigma,
     noise_level: float,
-    noise: Optional[torch.Tensor] = None,
-    sigma_1: Optional[Sigma] = None,
-    generator: Optional[torch.Generator] = None,
+    noise: torch.Tensor | None = None,
+    sigma_1: Sigma | None = None,
+    generator: torch.Generator | None = None,
 ) -> StepResult:
     """Coefficient-preserving sampling (CPS) step: re-noise the clean estimate to exactly σ'.
 
@@ -233,7 +232,7 @@ def cps_step(
 
 
 def gaussian_log_prob(
-    x: torch.Tensor, mean: torch.Tensor, std: Union[float, torch.Tensor], reduction: str = "mean"
+    x: torch.Tensor, mean: torch.Tensor, std: float | torch.Tensor, reduction: str = "mean"
 ) -> torch.Tensor:
     """``log N(x; mean, std²)`` per element, reduced over the non-batch dims → ``[B]`` float32.
 
@@ -256,7 +255,7 @@ def _reduce(elem: torch.Tensor, reduction: str) -> torch.Tensor:
     raise PECError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
-def step_entropy(std: Union[float, torch.Tensor], dim: int) -> torch.Tensor:
+def step_entropy(std: float | torch.Tensor, dim: int) -> torch.Tensor:
     """Closed-form entropy of a step's Gaussian policy: ``H = (d/2)·log(2πe·std_step²)`` (float32).
 
     It depends on the schedule and noise level only, never on the network (paper Property 1): use
@@ -267,7 +266,7 @@ def step_entropy(std: Union[float, torch.Tensor], dim: int) -> torch.Tensor:
 
 
 def gaussian_kl(
-    mean: torch.Tensor, mean_ref: torch.Tensor, std: Union[float, torch.Tensor], reduction: str = "mean"
+    mean: torch.Tensor, mean_ref: torch.Tensor, std: float | torch.Tensor, reduction: str = "mean"
 ) -> torch.Tensor:
     """KL between two step Gaussians of equal std: ``||μ_θ - μ_ref||² / (2·std²)`` per element → [B].
 
@@ -305,7 +304,7 @@ def window_fixed(num_steps: int, size: int, start: int) -> torch.Tensor:
     return mask
 
 
-def sample_window_start(low: int, high: int, generator: Optional[torch.Generator] = None) -> int:
+def sample_window_start(low: int, high: int, generator: torch.Generator | None = None) -> int:
     """Uniform window start in ``[low, high]`` (inclusive), drawn per iteration by Flow-GRPO-Fast."""
     if high < low:
         raise PECError(f"window start range is empty: [{low}, {high}]")
@@ -373,10 +372,14 @@ def flow_sde_stds(sigmas: torch.Tensor, noise_level: float) -> torch.Tensor:
     """
     zero = torch.zeros(1)
     sigma_1 = float(sigmas[1])
-    return torch.stack([
-        flow_sde_step(zero, zero, float(sigmas[i]), float(sigmas[i + 1]), noise_level, noise=zero, sigma_1=sigma_1).std
-        for i in range(len(sigmas) - 1)
-    ]).reshape(-1)  # fmt: skip
+    return torch.stack(
+        [
+            flow_sde_step(
+                zero, zero, float(sigmas[i]), float(sigmas[i + 1]), noise_level, noise=zero, sigma_1=sigma_1
+            ).std
+            for i in range(len(sigmas) - 1)
+        ]
+    ).reshape(-1)
 
 
 def egrpo_merge_steps(stds: torch.Tensor, tau: float) -> list[MergedStep]:
@@ -410,7 +413,9 @@ def egrpo_merge_steps(stds: torch.Tensor, tau: float) -> list[MergedStep]:
     return jumps
 
 
-def egrpo_schedule(sigmas: torch.Tensor, jump: MergedStep, noise_level: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def egrpo_schedule(
+    sigmas: torch.Tensor, jump: MergedStep, noise_level: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The schedule of an E-GRPO rollout that trains ``jump``: ODE everywhere but the merged SDE jump.
 
     Returns ``(sigmas [N+2-m], stochastic bool [N+1-m], noise levels [N+1-m])``: the jump's interior

@@ -73,9 +73,16 @@ def main() -> None:
             train(cfg)
             minutes = (time.perf_counter() - start) / 60
             lora = run_dir / "lora.safetensors"
-            runs[name][train_seed] = {**evaluate(cfg.model.path, lora, prompts, seeds, reward_fn, encoder), "train_minutes": minutes}
-    means = {name: {key: sum(r[key] for r in per_seed.values()) / len(per_seed) for key in ("reward", "vendi", "train_minutes")}
-             for name, per_seed in runs.items()}  # fmt: skip
+            runs[name][train_seed] = {
+                **evaluate(cfg.model.path, lora, prompts, seeds, reward_fn, encoder),
+                "train_minutes": minutes,
+            }
+    means = {
+        name: {
+            key: sum(r[key] for r in per_seed.values()) / len(per_seed) for key in ("reward", "vendi", "train_minutes")
+        }
+        for name, per_seed in runs.items()
+    }
 
     fg, pec = means["flow-grpo"], means["pec"]
     fg_gain = fg["reward"] - base["reward"]
@@ -95,8 +102,10 @@ def main() -> None:
 
     def row(name: str, seed: str, r: dict) -> str:
         gain = (r["reward"] - base["reward"]) / fg_gain if fg_gain else float("nan")
-        return (f"| {name} | {seed} | {r['reward']:.4f} | {r['vendi']:.3f} | {r['vendi'] / base['vendi']:.2f} | "
-                f"{gain:.2f} | {r['train_minutes']:.1f} |")  # fmt: skip
+        return (
+            f"| {name} | {seed} | {r['reward']:.4f} | {r['vendi']:.3f} | {r['vendi'] / base['vendi']:.2f} | "
+            f"{gain:.2f} | {r['train_minutes']:.1f} |"
+        )
 
     for name, per_seed in runs.items():
         lines += [row(name, str(seed), r) for seed, r in per_seed.items()]
@@ -106,7 +115,11 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     (out / "results.md").write_text(text + "\n")
-    results = {"base": base, "runs": {name: {str(k): v for k, v in rs.items()} for name, rs in runs.items()}, "means": means}
+    results = {
+        "base": base,
+        "runs": {name: {str(k): v for k, v in rs.items()} for name, rs in runs.items()},
+        "means": means,
+    }
     (out / "results.json").write_text(json.dumps({"results": results, "checks": checks}, indent=2))
 
 

@@ -108,17 +108,28 @@ def main(argv: list[str] | None = None) -> Path:
 
     def evaluate(name: str, loras: list) -> Path:
         return run_eval(
-            base_cfg.model.path, loras, prompts, args.per_prompt, out / "evals", name=name, rewards=rewards,
-            encoders=encoders, progress=False,
-        )  # fmt: skip
+            base_cfg.model.path,
+            loras,
+            prompts,
+            args.per_prompt,
+            out / "evals",
+            name=name,
+            rewards=rewards,
+            encoders=encoders,
+            progress=False,
+        )
 
     steps = base_cfg.sampling.num_steps or read_defaults(base_cfg.model.path or EMBEDDED_MODEL, {})["num_steps"]
     positions = steps - base_cfg.sampling.window.size  # window starts 0 … steps-1-size (the last step is ODE)
     eval_dirs = [evaluate("base", [])]
     study, logs = {}, {}
     for name in names:
-        overrides = [f"train.iterations={args.iterations}", *args.set,
-                     *method_overrides(name, args.iterations, positions), f"run.dir={out / 'runs' / name}"]  # fmt: skip
+        overrides = [
+            f"train.iterations={args.iterations}",
+            *args.set,
+            *method_overrides(name, args.iterations, positions),
+            f"run.dir={out / 'runs' / name}",
+        ]
         start = time.perf_counter()
         run_dir = train(load_config("demo", None, overrides))
         minutes = (time.perf_counter() - start) / 60

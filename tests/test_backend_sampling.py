@@ -56,9 +56,12 @@ def test_velocity_with_and_without_cfg(backend):
     with torch.no_grad():
         v = backend.velocity(x, 0.7, cond)
         direct = backend.transformer(
-            hidden_states=x, timestep=torch.full((3,), 700.0), encoder_hidden_states=cond.embeds,
-            pooled_projections=cond.pooled, return_dict=False,
-        )[0]  # fmt: skip
+            hidden_states=x,
+            timestep=torch.full((3,), 700.0),
+            encoder_hidden_states=cond.embeds,
+            pooled_projections=cond.pooled,
+            return_dict=False,
+        )[0]
         torch.testing.assert_close(v, direct)
         v_u = backend.velocity(x, 0.7, backend.empty_embeds(3))
         v_cfg = backend.velocity(x, 0.7, cond, guidance_scale=3.0)
@@ -70,14 +73,23 @@ def test_ode_sampling_matches_the_diffusers_pipeline(backend):
     steps, g = 4, 2.5
     noise = seeded_noise((2, *LATENT), [torch.Generator().manual_seed(s) for s in (5, 6)])
     ours, _ = denoise(
-        backend, noise, backend.encode_prompts(PROMPTS[:2]), sd3_schedule(steps, shift=backend.defaults["shift"]),
-        guidance_scale=g, uncond=backend.empty_embeds(2),
-    )  # fmt: skip
+        backend,
+        noise,
+        backend.encode_prompts(PROMPTS[:2]),
+        sd3_schedule(steps, shift=backend.defaults["shift"]),
+        guidance_scale=g,
+        uncond=backend.empty_embeds(2),
+    )
     with torch.no_grad():
         ref = backend.pipe(
-            prompt=PROMPTS[:2], num_inference_steps=steps, sigmas=base_sigmas(steps).tolist(), guidance_scale=g,
-            latents=noise.clone(), output_type="latent", max_sequence_length=backend.max_sequence_length,
-        ).images  # fmt: skip
+            prompt=PROMPTS[:2],
+            num_inference_steps=steps,
+            sigmas=base_sigmas(steps).tolist(),
+            guidance_scale=g,
+            latents=noise.clone(),
+            output_type="latent",
+            max_sequence_length=backend.max_sequence_length,
+        ).images
     torch.testing.assert_close(ours, ref.float(), rtol=1e-4, atol=1e-4)
 
 
@@ -98,9 +110,15 @@ def test_rollout_records_only_stochastic_steps(backend):
     gens = [torch.Generator().manual_seed(i) for i in range(3)]
     with torch.no_grad():
         x, records = denoise(
-            backend, seeded_noise((3, *LATENT), gens), cond, sigmas, noise_level=0.7, stochastic=mask,
-            generators=gens, record=True,
-        )  # fmt: skip
+            backend,
+            seeded_noise((3, *LATENT), gens),
+            cond,
+            sigmas,
+            noise_level=0.7,
+            stochastic=mask,
+            generators=gens,
+            record=True,
+        )
     assert [r.index for r in records] == [1, 2]
     for r in records:
         assert r.log_prob.shape == (3,) and torch.isfinite(r.log_prob).all()
@@ -122,11 +140,15 @@ def test_lora_loading_checks_the_base_model(backend, model_dir, tmp_path):
         before = fresh.velocity(x, 0.5, cond)
         fresh.load_lora(str(good))
         after = fresh.velocity(x, 0.5, cond)
-        ref = donor(hidden_states=x, timestep=t, encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled).sample
+        ref = donor(
+            hidden_states=x, timestep=t, encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled
+        ).sample
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, ref, rtol=1e-4, atol=1e-5)
 
-    wrong = build_pipeline(seed=3, transformer_config={"attention_head_dim": 16, "caption_projection_dim": 96}).transformer
+    wrong = build_pipeline(
+        seed=3, transformer_config={"attention_head_dim": 16, "caption_projection_dim": 96}
+    ).transformer
     wrong.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q"]))
     bad = tmp_path / "wrong_base.safetensors"
     save_lora(wrong, bad)
@@ -136,8 +158,25 @@ def test_lora_loading_checks_the_base_model(backend, model_dir, tmp_path):
 
 def test_pec_sample_cli_writes_a_grid(model_dir, tmp_path, capsys):
     out = tmp_path / "grid.png"
-    code = main(["sample", "--model", model_dir, "--prompt", "a red circle", "--prompt", "a blue square",
-                 "--seeds", "0-2", "--steps", "2", "--out", str(out), "--upscale", "1"])  # fmt: skip
+    code = main(
+        [
+            "sample",
+            "--model",
+            model_dir,
+            "--prompt",
+            "a red circle",
+            "--prompt",
+            "a blue square",
+            "--seeds",
+            "0-2",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+            "--upscale",
+            "1",
+        ]
+    )
     assert code == 0 and out.is_file()
     grid = np.asarray(Image.open(out))
     assert grid.shape[0] > 2 * 64 and grid.shape[1] >= 3 * 64

@@ -79,9 +79,12 @@ def test_sd3_velocity_is_the_transformer_with_cfg(sd3):
 
     def direct(embeds):
         return sd3.transformer(
-            hidden_states=x, timestep=torch.full((3,), 600.0), encoder_hidden_states=embeds.embeds,
-            pooled_projections=embeds.pooled, return_dict=False,
-        )[0]  # fmt: skip
+            hidden_states=x,
+            timestep=torch.full((3,), 600.0),
+            encoder_hidden_states=embeds.embeds,
+            pooled_projections=embeds.pooled,
+            return_dict=False,
+        )[0]
 
     with torch.no_grad():
         v = sd3.velocity(x, 0.6, cond, 4.5)
@@ -108,10 +111,15 @@ def test_flux_velocity_is_the_pipeline_call(flux):
     with torch.no_grad():
         v = flux.velocity(x, 0.8, cond, 3.5)
         direct = flux.transformer(
-            hidden_states=tokens, timestep=torch.full((2,), 0.8), guidance=torch.full((2,), 3.5),
-            pooled_projections=cond.pooled, encoder_hidden_states=cond.embeds, txt_ids=torch.zeros(8, 3),
-            img_ids=FluxPipeline._prepare_latent_image_ids(2, 8, 12, "cpu", torch.float32), return_dict=False,
-        )[0]  # fmt: skip
+            hidden_states=tokens,
+            timestep=torch.full((2,), 0.8),
+            guidance=torch.full((2,), 3.5),
+            pooled_projections=cond.pooled,
+            encoder_hidden_states=cond.embeds,
+            txt_ids=torch.zeros(8, 3),
+            img_ids=FluxPipeline._prepare_latent_image_ids(2, 8, 12, "cpu", torch.float32),
+            return_dict=False,
+        )[0]
     torch.testing.assert_close(v.flatten(2).transpose(1, 2), direct)
     # Guidance is an embedding, not CFG: another strength changes the output, no second branch needed.
     assert not torch.allclose(flux.velocity(x, 0.8, cond, 1.0).detach(), v)
@@ -234,16 +242,35 @@ PRESETS = {"sd3.5-medium": "sd35m-pickscore", "flux": "flux-dev-pickscore"}
 def _config(preset: str, model_dir: str, run_dir: Path):
     """The family's real preset with tiny sizes: 2 prompts x 2 samples, 3 steps, 1 iteration, rank 4."""
     values = {
-        "model.path": model_dir, "model.dtype": "float32", "model.device": "cpu",
-        "run.dir": str(run_dir), "run.progress": False, "run.tensorboard": "off",
-        "rewards": [{"name": "test_redness"}], "pec.encoder": "toy", "pec.chunk_size": 8,
-        "prompts.train": PROMPTS[:2], "prompts.eval": PROMPTS[:1],
-        "sampling.resolution": 32, "sampling.num_steps": 3,
-        "lora.rank": 4, "lora.alpha": 8, "lora.init_scale": 0.05,
-        "train.iterations": 1, "train.prompts_per_iteration": 2, "train.group_size": 2, "train.batch_size": 4,
-        "train.ema.enabled": False, "checkpoint.every": 1, "report.grid_prompts": 1, "report.grid_seeds": [0],
-    }  # fmt: skip
-    overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in values.items()]
+        "model.path": model_dir,
+        "model.dtype": "float32",
+        "model.device": "cpu",
+        "run.dir": str(run_dir),
+        "run.progress": False,
+        "run.tensorboard": "off",
+        "rewards": [{"name": "test_redness"}],
+        "pec.encoder": "toy",
+        "pec.chunk_size": 8,
+        "prompts.train": PROMPTS[:2],
+        "prompts.eval": PROMPTS[:1],
+        "sampling.resolution": 32,
+        "sampling.num_steps": 3,
+        "lora.rank": 4,
+        "lora.alpha": 8,
+        "lora.init_scale": 0.05,
+        "train.iterations": 1,
+        "train.prompts_per_iteration": 2,
+        "train.group_size": 2,
+        "train.batch_size": 4,
+        "train.ema.enabled": False,
+        "checkpoint.every": 1,
+        "report.grid_prompts": 1,
+        "report.grid_seeds": [0],
+    }
+    overrides = [
+        f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+        for k, v in values.items()
+    ]
     return load_config(preset, None, overrides)
 
 

@@ -29,8 +29,10 @@ PAPER = {NORM_QUALITY: "norm_avg_quality", NORM_DIVERSITY: "norm_avg_diversity",
 
 def _read(name: str) -> list[dict]:
     with open(DATA / name, newline="") as handle:
-        return [{k: (v if k in ("method", "space", "type") else float(v)) for k, v in row.items()}
-                for row in csv.DictReader(handle)]
+        return [
+            {k: (v if k in ("method", "space", "type") else float(v)) for k, v in row.items()}
+            for row in csv.DictReader(handle)
+        ]
 
 
 def _max_errors(rows: list[dict], diversity=DIVERSITY) -> dict[str, float]:
@@ -89,11 +91,20 @@ def _fake_eval(root: Path, name: str, quality: float, spread: float) -> Path:
     (d / "manifest.json").write_text(json.dumps({"prompts": prompts, "seeds": seeds, "images": {}}))
     save_file({"toy": torch.randn(2, 3, 8, generator=gen) * spread + 1.0}, str(d / "features.safetensors"))
     mean = {"reward": quality, "vendi/toy": 1 + spread, "variance/toy": spread, "variance_norm/toy": spread / 2}
-    (d / "metrics.json").write_text(json.dumps({
-        "label": name.split("-")[0], "identity": {"sampler": {"sde": "ode"}}, "num_prompts": 2,
-        "samples_per_prompt": 3, "quality": ["reward"], "diversity": ["vendi/toy", "variance/toy"],
-        "extra": ["variance_norm/toy"], "mean": mean,
-    }))  # fmt: skip
+    (d / "metrics.json").write_text(
+        json.dumps(
+            {
+                "label": name.split("-")[0],
+                "identity": {"sampler": {"sde": "ode"}},
+                "num_prompts": 2,
+                "samples_per_prompt": 3,
+                "quality": ["reward"],
+                "diversity": ["vendi/toy", "variance/toy"],
+                "extra": ["variance_norm/toy"],
+                "mean": mean,
+            }
+        )
+    )
     return d
 
 

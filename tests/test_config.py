@@ -87,5 +87,7 @@ def test_cli_bad_config_is_one_line_exit_2(tmp_path, capsys):
     assert main(["train", "--config", str(f)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "train.iteratons" in err and str(f) in err
-    out = subprocess.run([sys.executable, "-m", "trainer.cli", "train", "--config", str(f)], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "trainer.cli", "train", "--config", str(f)], capture_output=True, text=True
+    )
     assert out.returncode == 2 and "Traceback" not in out.stderr and "iteratons" in out.stderr

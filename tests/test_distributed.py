@@ -123,11 +123,13 @@ def _free_port() -> int:
 def _config_file(tmp_path: Path, name: str, prompts: int, group: int, batch: int, extra: dict | None = None) -> Path:
     """One iteration of PEC on the embedded model, advantages logged; ``extra`` {section: {key: value}} adds to it."""
     settings = {
-        "sampling": {"num_steps": 3, "window": {"rule": "all"}}, "lora": {"rank": 4, "alpha": 8},
+        "sampling": {"num_steps": 3, "window": {"rule": "all"}},
+        "lora": {"rank": 4, "alpha": 8},
         "train": {"iterations": 1, "prompts_per_iteration": prompts, "group_size": group, "batch_size": batch},
-        "pec": {"method": "pec"}, "report": {"grid_prompts": 1, "grid_seeds": [0]},
+        "pec": {"method": "pec"},
+        "report": {"grid_prompts": 1, "grid_seeds": [0]},
         "run": {"dir": str(tmp_path / name), "progress": False, "tensorboard": "off", "log_advantages": True},
-    }  # fmt: skip
+    }
     for section, values in (extra or {}).items():
         settings.setdefault(section, {}).update(values)
     path = tmp_path / f"{name}.yaml"
@@ -143,10 +145,23 @@ def _launch(tmp_path: Path, *files: Path) -> tuple[list[str], dict[str, str]]:
     driver.write_text(DRIVER)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     return [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        str(driver), *map(str, files),
-    ], env  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(driver),
+        *map(str, files),
+    ], env
 
 
 @pytest.mark.slow
@@ -162,7 +177,9 @@ def test_two_gloo_ranks_give_the_advantages_of_one_process(tmp_path):
         (multi,), (single,) = read_log(tmp_path / f"ddp_{case}"), read_log(tmp_path / f"one_{case}")
         assert (multi["processes"], single["processes"]) == (2, 1)
         # Equal up to float rounding: the ranks decode and score in smaller batches.
-        torch.testing.assert_close(torch.tensor(multi["advantages"]), torch.tensor(single["advantages"]), atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(multi["advantages"]), torch.tensor(single["advantages"]), atol=1e-4, rtol=0
+        )
         assert multi["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-3), json.dumps([multi, single])
         assert (tmp_path / f"ddp_{case}" / "lora.safetensors").is_file()
         assert (tmp_path / f"ddp_{case}" / "checkpoints" / "iter_000000" / "COMPLETE").is_file()
@@ -225,13 +242,17 @@ def test_two_gloo_ranks_killed_then_resumed_give_a_bitwise_identical_lora(tmp_pa
     cmd, env = _launch(tmp_path, config_file)
     # A session of its own, so one kill takes the launcher and both ranks at once, as a lost node would.
     with open(tmp_path / "killed.stderr", "w") as stderr:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True
+        )
     marker = killed / "checkpoints" / "iter_000000" / "COMPLETE"
     deadline = time.time() + 300
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     _kill_launch(proc)
-    assert marker.exists(), "the ranks never wrote their first checkpoint: " + (tmp_path / "killed.stderr").read_text()[-3000:]
+    assert marker.exists(), (
+        "the ranks never wrote their first checkpoint: " + (tmp_path / "killed.stderr").read_text()[-3000:]
+    )
     # The kill lands a poll after that marker, but on a busy machine the poll can lag by seconds, and an
     # iteration here takes about one: the run may have checkpointed further, or even exported.
     assert [r["iteration"] for r in read_log(killed)][:1] == [0]
@@ -239,7 +260,9 @@ def test_two_gloo_ranks_killed_then_resumed_give_a_bitwise_identical_lora(tmp_pa
     assert [r["processes"] for r in read_log(killed)] == [2, 2, 2]
 
 
-def _resume_from_first_checkpoint(tmp_path: Path, config_file: Path, run: Path, reference: dict, iterations: int) -> None:
+def _resume_from_first_checkpoint(
+    tmp_path: Path, config_file: Path, run: Path, reference: dict, iterations: int
+) -> None:
     """Go back to what a kill right after the first checkpoint leaves, relaunch the same command (on a fresh
     port), and check that it replays iterations 1.. to a LoRA bitwise equal to ``reference``."""
     for folder in complete_checkpoints(run)[1:]:
@@ -260,7 +283,9 @@ def test_two_gloo_ranks_under_fsdp_give_the_advantages_of_one_process_and_resume
     # The FSDP path on CPU: the trainer shards by hand with accelerate's plugin (accelerate shards only on GPUs).
     prompts, group = CASES["split"]
     extra = {"train": {"iterations": 2}, "checkpoint": {"every": 1, "keep": 3}}
-    fsdp = _config_file(tmp_path, "fsdp", prompts, group, batch=2, extra={**extra, "distributed": {"fsdp": {"enabled": True}}})
+    fsdp = _config_file(
+        tmp_path, "fsdp", prompts, group, batch=2, extra={**extra, "distributed": {"fsdp": {"enabled": True}}}
+    )
     cmd, env = _launch(tmp_path, fsdp)
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -271,7 +296,9 @@ def test_two_gloo_ranks_under_fsdp_give_the_advantages_of_one_process_and_resume
     train(load_config(file=str(_config_file(tmp_path, "one", prompts, group, batch=4, extra=extra))))
     for multi, single in zip(read_log(run), read_log(tmp_path / "one"), strict=True):
         assert (multi["processes"], single["processes"]) == (2, 1)
-        torch.testing.assert_close(torch.tensor(multi["advantages"]), torch.tensor(single["advantages"]), atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(multi["advantages"]), torch.tensor(single["advantages"]), atol=1e-4, rtol=0
+        )
         assert multi["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-3), json.dumps([multi, single])
     single_lora = _lora(tmp_path / "one")  # the gathered LoRA keeps the keys and shapes of one process's
     assert {k: v.shape for k, v in reference.items()} == {k: v.shape for k, v in single_lora.items()}

@@ -85,7 +85,9 @@ def test_vendi_order_zero_counts_rank_with_tolerance():
     y = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0]], dtype=torch.float64)
     assert float(vendi_score(y, 0.0, dtype=torch.float64, eig_tol=0.1)) == 2.0
     assert float(vendi_score(y, 0.0, dtype=torch.float64, eig_tol=0.5)) == 1.0
-    assert float(vendi_score(y, 1.0, dtype=torch.float64)) == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))))
+    assert float(vendi_score(y, 1.0, dtype=torch.float64)) == pytest.approx(
+        math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+    )
 
 
 def test_vendi_orders_are_ordered_and_float32_close():
@@ -112,7 +114,9 @@ def test_feature_variance_raw_and_normalised():
     ref = torch.stack([torch.cov(x[p].T).trace() for p in range(3)])
     torch.testing.assert_close(raw, ref)
     xn = x / x.norm(dim=-1, keepdim=True)
-    torch.testing.assert_close(feature_variance(x, normalize=True), torch.stack([torch.cov(xn[p].T).trace() for p in range(3)]))
+    torch.testing.assert_close(
+        feature_variance(x, normalize=True), torch.stack([torch.cov(xn[p].T).trace() for p in range(3)])
+    )
     torch.testing.assert_close(feature_variance(x * 10, normalize=True), feature_variance(x, normalize=True))
     assert float(feature_variance(torch.randn(1, 8))) == 0.0
 

@@ -87,7 +87,9 @@ def test_preprocessing_matches_the_published_image_processor():
     coarse = torch.rand(1, 3, 6, 9, generator=torch.Generator().manual_seed(0))
     image = (F.interpolate(coarse, size=(48, 72), mode="bilinear", align_corners=False) * 255).round() / 255
     processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    expected = processor(images=(image[0].permute(1, 2, 0) * 255).round().byte().numpy(), return_tensors="pt").pixel_values
+    expected = processor(
+        images=(image[0].permute(1, 2, 0) * 255).round().byte().numpy(), return_tensors="pt"
+    ).pixel_values
     ours = Preprocess(32, resize=32, mean=CLIP_MEAN, std=CLIP_STD)(image)
     assert ours.shape == expected.shape == (1, 3, 32, 32)
     pixel_error = (ours - expected).abs() * torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255

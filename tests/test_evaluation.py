@@ -37,8 +37,13 @@ def world(tmp_path_factory):
     lora = root / "pec" / "lora.safetensors"
     lora.parent.mkdir()
     save_lora(tensors, lora, alpha=4, dtype=torch.float32)
-    return {"model": str(root / "model"), "encoder": f"toy={encoder_path}", "encoder_path": encoder_path,
-            "lora": lora, "out": root / "evals"}
+    return {
+        "model": str(root / "model"),
+        "encoder": f"toy={encoder_path}",
+        "encoder_path": encoder_path,
+        "lora": lora,
+        "out": root / "evals",
+    }
 
 
 def _eval(world, loras=(), per_prompt=3, **kwargs):
@@ -138,9 +143,28 @@ def test_bad_input_is_a_clear_error(world, kwargs, match):
 def test_cli_eval_then_compare(base_dir, world, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    code = main(["eval", "--model", world["model"], "--base", "--lora", str(world["lora"]), "--prompts", str(prompts),
-                 "--per-prompt", "3", "--rewards", ",".join(REWARD_NAMES), "--encoders", world["encoder"],
-                 "--batch-size", "4", "--out", str(world["out"])])  # fmt: skip
+    code = main(
+        [
+            "eval",
+            "--model",
+            world["model"],
+            "--base",
+            "--lora",
+            str(world["lora"]),
+            "--prompts",
+            str(prompts),
+            "--per-prompt",
+            "3",
+            "--rewards",
+            ",".join(REWARD_NAMES),
+            "--encoders",
+            world["encoder"],
+            "--batch-size",
+            "4",
+            "--out",
+            str(world["out"]),
+        ]
+    )
     assert code == 0
     out = tmp_path / "cmp"
     assert main(["compare", str(world["out"]), "--out", str(out), "--grid-seeds", "3"]) == 0

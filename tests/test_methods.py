@@ -8,14 +8,24 @@ import torch
 from test_trainer import model_dir, tiny_overrides  # noqa: F401  (model_dir is a fixture)
 
 from comfy_pec.sde import (
-    egrpo_merge_steps, egrpo_schedule, flow_sde_stds, flow_sde_step, gaussian_kl, sd3_schedule, step_entropy,
-)  # fmt: skip
+    egrpo_merge_steps,
+    egrpo_schedule,
+    flow_sde_stds,
+    flow_sde_step,
+    gaussian_kl,
+    sd3_schedule,
+    step_entropy,
+)
 from trainer.config import ConfigError, load_config
 from trainer.drift import drift_diversity_shaping, prompt_noise_std, reward_concentrated_subset
 from trainer.grpo import clipped_surrogate, group_advantages
 from trainer.loss_terms import (
-    clip_cov_detach, kl_cov_penalty, native_entropy_bonus, perceptual_entropy_bonus, top_covariance_mask,
-)  # fmt: skip
+    clip_cov_detach,
+    kl_cov_penalty,
+    native_entropy_bonus,
+    perceptual_entropy_bonus,
+    top_covariance_mask,
+)
 from trainer.runlog import read_log
 from trainer.train import train
 
@@ -151,8 +161,9 @@ def test_drift_subset_drops_outliers_from_the_normalisation():
     torch.testing.assert_close(adv.values[:7], ref.float())
     assert adv.values[7] == 0 and adv.trained.tolist() == [True] * 7 + [False]
     # All kept: the same advantages as without a subset.
-    torch.testing.assert_close(group_advantages(rewards, 4, keep=torch.ones(8, dtype=torch.bool)).values,
-                               group_advantages(rewards, 4).values)  # fmt: skip
+    torch.testing.assert_close(
+        group_advantages(rewards, 4, keep=torch.ones(8, dtype=torch.bool)).values, group_advantages(rewards, 4).values
+    )
 
 
 def test_prompt_noise_anneals_linearly_to_zero():
@@ -183,21 +194,37 @@ def test_methods_are_off_by_default():
 # Three runs that switch every method on at least once, combined as they compose (2 iterations each).
 METHOD_RUNS = {
     "kl+clip-higher+clip-cov+entropy-native": (
-        {"train.kl_beta": 0.05, "train.clip_range_high": 0.01, "train.cov.kind": "clip_cov",
-         "train.entropy_reg.kind": "native"},
+        {
+            "train.kl_beta": 0.05,
+            "train.clip_range_high": 0.01,
+            "train.cov.kind": "clip_cov",
+            "train.entropy_reg.kind": "native",
+        },
         ["kl", "cov_frac", "entropy_reg"],
     ),
     "egrpo+kl-cov-perceptual+entropy-perceptual+drift-shaping": (
-        {"sampling.window.rule": "egrpo", "sampling.window.tau": 0.0, "train.cov.kind": "kl_cov",
-         "train.cov.space": "perceptual", "train.entropy_reg.kind": "perceptual", "drift.diversity_alpha": 0.5},
+        {
+            "sampling.window.rule": "egrpo",
+            "sampling.window.tau": 0.0,
+            "train.cov.kind": "kl_cov",
+            "train.cov.space": "perceptual",
+            "train.entropy_reg.kind": "perceptual",
+            "drift.diversity_alpha": 0.5,
+        },
         ["egrpo_merged_steps", "egrpo_jump_std", "cov_frac", "kl_cov", "entropy_reg"],
     ),
     "cps+sliding+pcvae+drift-subset-prompt-noise": (
-        {"sampling.sde": "cps", "sampling.window.rule": "sliding", "sampling.window.shift_every": 1,
-         "pec.method": "pcvae", "drift.subset": True, "drift.prompt_noise": 0.1},
+        {
+            "sampling.sde": "cps",
+            "sampling.window.rule": "sliding",
+            "sampling.window.shift_every": 1,
+            "pec.method": "pcvae",
+            "drift.subset": True,
+            "drift.prompt_noise": 0.1,
+        },
         ["drift_kept_frac", "prompt_noise_std"],
     ),
-}  # fmt: skip
+}
 
 
 @pytest.mark.slow

@@ -81,8 +81,9 @@ def test_same_seed_same_latent_other_seed_other_latent(latent, method):
 def test_one_step_is_the_library_step(latent, method, step):
     sigmas = torch.tensor([1.0, 0.8, 0.0])  # step 0 stochastic (from σ = 1), step 1 always ODE
     seen = []
-    sample_flow(toy_denoiser, latent, sigmas, method=method, noise_level=0.7, seed=5,
-                callback=lambda i, den, x: seen.append(x))
+    sample_flow(
+        toy_denoiser, latent, sigmas, method=method, noise_level=0.7, seed=5, callback=lambda i, den, x: seen.append(x)
+    )
     v = (latent - toy_denoiser(latent, torch.ones(2))) / 1.0
     noise = torch.randn(latent.shape, generator=noise_generator(5))
     expected = step(latent, v, 1.0, 0.8, 0.7, noise=noise).x_next
@@ -121,7 +122,9 @@ def test_probe_step_draws_the_library_step(latent):
         x = ode_step(x, (x - toy_denoiser(x, sigmas[i].expand(2))) / sigmas[i], sigmas[i], sigmas[i + 1]).x_next
     v = (x - toy_denoiser(x, sigmas[2].expand(2))) / sigmas[2]
     gen = noise_generator(4)
-    draws = [flow_sde_step(x, v, sigmas[2], sigmas[3], 0.7, noise=torch.randn(x.shape, generator=gen)) for _ in range(3)]
+    draws = [
+        flow_sde_step(x, v, sigmas[2], sigmas[3], 0.7, noise=torch.randn(x.shape, generator=gen)) for _ in range(3)
+    ]
     assert found.samples.shape == (3, *latent.shape)
     assert torch.allclose(found.samples, torch.stack([d.x_next for d in draws]), atol=1e-6)
     assert torch.allclose(found.mean, draws[0].mean, atol=1e-6)
@@ -196,7 +199,7 @@ def test_heatmap_has_thumbnails_and_a_bright_diagonal():
     diagonal = heat[0, cell + cell // 2, cell + cell // 2]
     off = heat[0, cell + cell // 2, 2 * cell + cell // 2]
     assert diagonal[0] > 0.9 and off[0] < 0.3  # yellow vs dark blue
-    assert heat[0, :cell, cell:2 * cell].std() > 0  # a thumbnail, not blank
+    assert heat[0, :cell, cell : 2 * cell].std() > 0  # a thumbnail, not blank
 
 
 def test_probe_entropy_is_the_library_estimator():
@@ -213,10 +216,26 @@ def test_probe_entropy_is_the_library_estimator():
 
 
 def _info(architecture="sd3", declared=None, notes=()) -> LoraInfo:
-    return LoraInfo(path="x.safetensors", file_bytes=100, architecture=architecture, declared_architecture=declared,
-                    architecture_mismatch=False, rank=4, ranks=[4], module_count=2, module_kinds={}, dtypes=["F32"],
-                    parameter_count=10, scale_baked=True, base_model="some/model", title="t", usage_hint="use it",
-                    provenance={"method": "pec", "beta": 0.1}, metadata_keys=[], notes=list(notes))
+    return LoraInfo(
+        path="x.safetensors",
+        file_bytes=100,
+        architecture=architecture,
+        declared_architecture=declared,
+        architecture_mismatch=False,
+        rank=4,
+        ranks=[4],
+        module_count=2,
+        module_kinds={},
+        dtypes=["F32"],
+        parameter_count=10,
+        scale_baked=True,
+        base_model="some/model",
+        title="t",
+        usage_hint="use it",
+        provenance={"method": "pec", "beta": 0.1},
+        metadata_keys=[],
+        notes=list(notes),
+    )
 
 
 def test_model_and_lora_families():
@@ -344,7 +363,7 @@ def test_workflow_files_are_built_from_their_description_and_fit_the_nodes():
         ui, api = (json.loads(json.dumps(f(workflow))) for f in (build_workflows.to_ui, build_workflows.to_api))
         assert json.loads((ROOT / "workflows" / f"{workflow.name}.json").read_text()) == ui
         assert json.loads((ROOT / "workflows" / "api" / f"{workflow.name}.json").read_text()) == api
-        for link_id, src, slot, dst, dst_slot, kind in ui["links"]:
+        for link_id, _src, _slot, dst, dst_slot, kind in ui["links"]:
             target = next(n for n in ui["nodes"] if n["id"] == dst)
             assert target["inputs"][dst_slot]["type"] in (kind, "*") and target["inputs"][dst_slot]["link"] == link_id
         for node in api.values():

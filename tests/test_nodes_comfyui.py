@@ -28,8 +28,15 @@ from comfy_pec.sde import flow_sde_step
 pytestmark = pytest.mark.comfyui
 
 REPO = Path(__file__).resolve().parents[1]
-PEC_IDS = ["PECLoraLoader", "PECLoraLoaderModelOnly", "PECFlowSDESampler", "PECPerceptualEncoderLoader",
-           "PECBatchDiversity", "PECSelectDiverse", "PECPerceptualEntropy"]
+PEC_IDS = [
+    "PECLoraLoader",
+    "PECLoraLoaderModelOnly",
+    "PECFlowSDESampler",
+    "PECPerceptualEncoderLoader",
+    "PECBatchDiversity",
+    "PECSelectDiverse",
+    "PECPerceptualEntropy",
+]
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +71,9 @@ def comfy(tmp_path_factory):
 def sd3(comfy):
     """A tiny SD3 ModelPatcher, conditioning for it, and an empty latent."""
     comfy_mod = comfy[0]
-    model = comfy_mod.sd.load_diffusion_model_state_dict(tm.tiny_sd3_transformer().state_dict(),
-                                                         model_options={"dtype": torch.float32})
+    model = comfy_mod.sd.load_diffusion_model_state_dict(
+        tm.tiny_sd3_transformer().state_dict(), model_options={"dtype": torch.float32}
+    )
     gen = torch.Generator().manual_seed(0)
     cond = [[torch.randn(1, 8, 32, generator=gen), {"pooled_output": torch.randn(1, 32, generator=gen)}]]
     return model, cond, torch.zeros(2, 16, 8, 8)
@@ -81,16 +89,27 @@ def run(comfy, node_id, **inputs):
 
 
 def pec_sampler(comfy, noise_level, **window):
-    settings = dict(method="flow_sde", noise_level=noise_level, window="all", window_start=0, window_count=2,
-                    sigma_high=1.0, sigma_low=0.0) | window
+    settings = (
+        dict(
+            method="flow_sde",
+            noise_level=noise_level,
+            window="all",
+            window_start=0,
+            window_count=2,
+            sigma_high=1.0,
+            sigma_low=0.0,
+        )
+        | window
+    )
     return run(comfy, "PECFlowSDESampler", **settings)[0]
 
 
 def sample(comfy, sd3, sampler, sigmas, seed=5, callback=None):
     model, cond, latent = sd3
     noise = comfy[0].sample.prepare_noise(latent, seed)
-    return comfy[0].sample.sample_custom(model, noise, 1.0, sampler, sigmas, cond, cond, latent, seed=seed,
-                                         callback=callback, disable_pbar=True)
+    return comfy[0].sample.sample_custom(
+        model, noise, 1.0, sampler, sigmas, cond, cond, latent, seed=seed, callback=callback, disable_pbar=True
+    )
 
 
 def test_pack_loads_as_v3_nodes_and_lists_every_node(comfy):
@@ -150,28 +169,59 @@ def loras(comfy):
         tensors[f"transformer.{module}.lora_A.weight"] = torch.randn(2, 128, generator=gen)
         tensors[f"transformer.{module}.lora_B.weight"] = torch.randn(128, 2, generator=gen)
     provenance = {"method": "pec", "beta": 0.05}
-    save_lora(tensors, folder / "pec_sd3.safetensors", alpha=2, dtype=torch.float32, architecture="sd3",
-              provenance=provenance, base_model="tiny/sd3")
+    save_lora(
+        tensors,
+        folder / "pec_sd3.safetensors",
+        alpha=2,
+        dtype=torch.float32,
+        architecture="sd3",
+        provenance=provenance,
+        base_model="tiny/sd3",
+    )
     save_lora(tensors, folder / "pec_flux.safetensors", alpha=2, dtype=torch.float32, architecture="flux")
     (folder / "notes.safetensors").write_text("this is not a LoRA")
 
 
 def test_lora_loader_checks_reports_and_patches(comfy, sd3, loras):
     model = sd3[0]
-    patched, summary = run(comfy, "PECLoraLoaderModelOnly", model=model, lora_name="pec_sd3.safetensors",
-                           strength_model=1.0, allow_mismatch=False)
+    patched, summary = run(
+        comfy,
+        "PECLoraLoaderModelOnly",
+        model=model,
+        lora_name="pec_sd3.safetensors",
+        strength_model=1.0,
+        allow_mismatch=False,
+    )
     assert "2 of 3 modules matched" in summary and "β=0.05" in summary and "tiny/sd3" in summary
     # Both matched modules patch a slice of ComfyUI's fused qkv weights (test_lora_format checks the values).
     assert sorted(patched.patches) == [f"diffusion_model.joint_blocks.{i}.x_block.attn.qkv.weight" for i in (0, 1)]
     with pytest.raises(Exception, match="for FLUX models but the model is sd3"):
-        run(comfy, "PECLoraLoaderModelOnly", model=model, lora_name="pec_flux.safetensors", strength_model=1.0,
-            allow_mismatch=False)
-    _, summary = run(comfy, "PECLoraLoaderModelOnly", model=model, lora_name="pec_flux.safetensors",
-                     strength_model=1.0, allow_mismatch=True)
+        run(
+            comfy,
+            "PECLoraLoaderModelOnly",
+            model=model,
+            lora_name="pec_flux.safetensors",
+            strength_model=1.0,
+            allow_mismatch=False,
+        )
+    _, summary = run(
+        comfy,
+        "PECLoraLoaderModelOnly",
+        model=model,
+        lora_name="pec_flux.safetensors",
+        strength_model=1.0,
+        allow_mismatch=True,
+    )
     assert "WARNING" in summary
     with pytest.raises(Exception, match="notes.safetensors: not a safetensors file") as err:
-        run(comfy, "PECLoraLoaderModelOnly", model=model, lora_name="notes.safetensors", strength_model=1.0,
-            allow_mismatch=False)
+        run(
+            comfy,
+            "PECLoraLoaderModelOnly",
+            model=model,
+            lora_name="notes.safetensors",
+            strength_model=1.0,
+            allow_mismatch=False,
+        )
     assert "\n" not in str(err.value)
 
 
@@ -190,7 +240,9 @@ def test_diversity_node_scores_like_the_library_and_shows_a_heatmap(comfy, encod
     assert output.ui["images"] and output.ui["text"] == (report,)
     one = node(comfy, "PECBatchDiversity").execute(images=[images[:1]], encoder=[encoder], q=[1.0], group_size=[0])
     assert one.args[0] == 1.0 and "note: one image" in one.args[3]
-    picked, indices, _ = node(comfy, "PECSelectDiverse").execute(images=[images], encoder=[encoder], k=[2], q=[1.0]).args
+    picked, indices, _ = (
+        node(comfy, "PECSelectDiverse").execute(images=[images], encoder=[encoder], k=[2], q=[1.0]).args
+    )
     assert picked.shape == (2, 32, 32, 3) and len(indices.split(",")) == 2
 
 
@@ -206,13 +258,37 @@ def test_perceptual_entropy_node_probes_one_step(comfy, sd3, encoder):
 
     sigmas = comfy[0].samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 6)
     entropy, energy, vendi, report, draws = run(
-        comfy, "PECPerceptualEntropy", guider=guider, sigmas=sigmas, latent_image={"samples": latent}, noise_seed=3,
-        vae=TinyVae(), encoder=encoder, step=2, method="flow_sde", noise_level=0.7, repeats=4, decode="noisy")
+        comfy,
+        "PECPerceptualEntropy",
+        guider=guider,
+        sigmas=sigmas,
+        latent_image={"samples": latent},
+        noise_seed=3,
+        vae=TinyVae(),
+        encoder=encoder,
+        step=2,
+        method="flow_sde",
+        noise_level=0.7,
+        repeats=4,
+        decode="noisy",
+    )
     assert draws.shape == (4 * 2, 8, 8, 3)
     assert energy > 0 and 1.0 <= vendi <= 4.0 and "step 2" in report
-    again = run(comfy, "PECPerceptualEntropy", guider=guider, sigmas=sigmas, latent_image={"samples": latent},
-                noise_seed=3, vae=TinyVae(), encoder=encoder, step=2, method="flow_sde", noise_level=0.7, repeats=4,
-                decode="x0")
+    again = run(
+        comfy,
+        "PECPerceptualEntropy",
+        guider=guider,
+        sigmas=sigmas,
+        latent_image={"samples": latent},
+        noise_seed=3,
+        vae=TinyVae(),
+        encoder=encoder,
+        step=2,
+        method="flow_sde",
+        noise_level=0.7,
+        repeats=4,
+        decode="x0",
+    )
     assert again[0] != entropy
 
 
@@ -258,16 +334,34 @@ def server(tmp_path_factory):
     state = {k: v.contiguous() for k, v in tm.tiny_sd3_transformer().state_dict().items()}
     safetensors.torch.save_file(state, str(base / "models" / "diffusion_models" / "tiny_sd3.safetensors"))
     gen = torch.Generator().manual_seed(1)
-    lora = {f"transformer.transformer_blocks.0.attn.to_q.lora_{ab}.weight": torch.randn(*shape, generator=gen)
-            for ab, shape in (("A", (2, 128)), ("B", (128, 2)))}
+    lora = {
+        f"transformer.transformer_blocks.0.attn.to_q.lora_{ab}.weight": torch.randn(*shape, generator=gen)
+        for ab, shape in (("A", (2, 128)), ("B", (128, 2)))
+    }
     save_lora(lora, base / "models" / "loras" / "tiny.safetensors", alpha=2, dtype=torch.float32, architecture="sd3")
     (base / "models" / "loras" / "notes.safetensors").write_text("this is not a LoRA")
     port = _free_port()
     log = open(base / "comfyui.log", "wb")
     process = subprocess.Popen(
-        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
-         str(base), "--front-end-root", str(base / "frontend"), "--disable-auto-launch", "--disable-api-nodes"],
-        cwd=os.environ["COMFYUI_PATH"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "main.py",
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--base-directory",
+            str(base),
+            "--front-end-root",
+            str(base / "frontend"),
+            "--disable-auto-launch",
+            "--disable-api-nodes",
+        ],
+        cwd=os.environ["COMFYUI_PATH"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
         env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
     url = f"http://127.0.0.1:{port}"
@@ -279,7 +373,9 @@ def server(tmp_path_factory):
                 break
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("ComfyUI did not start:\n" + (base / "comfyui.log").read_text()[-3000:])
+                    raise RuntimeError(
+                        "ComfyUI did not start:\n" + (base / "comfyui.log").read_text()[-3000:]
+                    ) from None
                 time.sleep(1)
         yield url, info
     finally:
@@ -308,8 +404,15 @@ def test_headless_comfyui_lists_the_nodes_and_runs_the_workflows(server):
 
     lora_graph = {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd3.safetensors", "weight_dtype": "default"}},
-        "2": {"class_type": "PECLoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": "tiny.safetensors",
-                                                                  "strength_model": 1.0, "allow_mismatch": False}},
+        "2": {
+            "class_type": "PECLoraLoaderModelOnly",
+            "inputs": {
+                "model": ["1", 0],
+                "lora_name": "tiny.safetensors",
+                "strength_model": 1.0,
+                "allow_mismatch": False,
+            },
+        },
         "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 1]}},
     }
     entry = _run_prompt(url, lora_graph, deadline)

@@ -3,8 +3,9 @@
 import json
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("diffusers", "peft", "transformers", "trainer", "open_clip", "accelerate", "comfy")
@@ -13,13 +14,18 @@ HEAVY = ("diffusers", "peft", "transformers", "trainer", "open_clip", "accelerat
 def _modules_after(code: str) -> set[str]:
     out = subprocess.run(
         [sys.executable, "-c", f"{code}; import sys, json; print(json.dumps(sorted(sys.modules)))"],
-        check=True, capture_output=True, text=True, cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     return set(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def test_library_import_pulls_no_heavy_packages():
-    mods = _modules_after("import comfy_pec, comfy_pec.sde, comfy_pec.diversity, comfy_pec.lora_format, comfy_pec.nodes")
+    mods = _modules_after(
+        "import comfy_pec, comfy_pec.sde, comfy_pec.diversity, comfy_pec.lora_format, comfy_pec.nodes"
+    )
     leaked = sorted(m for m in mods if m.split(".")[0] in HEAVY)
     assert not leaked, f"importing comfy_pec pulled in {leaked[:10]}"
 

@@ -6,12 +6,12 @@ import math
 import types
 
 import pytest
+import tiny_reward_models as tiny
 import torch
 import torch.nn.functional as F
 
 from comfy_pec import PECError
 from comfy_pec.encoders import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD
-import tiny_reward_models as tiny
 from trainer.config import ConfigError, load_config
 from trainer.rewards import REWARDS, build_reward
 
@@ -148,23 +148,40 @@ def imagereward_reference(state, pixels, input_ids, attention_mask):
     """ImageReward's score from the original-layout state dict, written out op by op: BLIP ViT
     (timm blocks) → med BERT with cross-attention → [CLS] → MLP → (x - mean) / std."""
     v, w = "blip.visual_encoder.", tiny.IR_VISION["width"]
-    x = F.conv2d(pixels, state[v + "patch_embed.proj.weight"], state[v + "patch_embed.proj.bias"], stride=tiny.IR_VISION["patch"])
-    x = torch.cat([state[v + "cls_token"].expand(len(x), 1, w), x.flatten(2).transpose(1, 2)], 1) + state[v + "pos_embed"]
+    x = F.conv2d(
+        pixels, state[v + "patch_embed.proj.weight"], state[v + "patch_embed.proj.bias"], stride=tiny.IR_VISION["patch"]
+    )
+    x = (
+        torch.cat([state[v + "cls_token"].expand(len(x), 1, w), x.flatten(2).transpose(1, 2)], 1)
+        + state[v + "pos_embed"]
+    )
     for i in range(tiny.IR_VISION["depth"]):
         b = f"{v}blocks.{i}."
         q, k, val = _linear(_layer_norm(x, state, b + "norm1", 1e-6), state, b + "attn.qkv").chunk(3, dim=-1)
         x = x + _linear(_attention(q, k, val, w // 64), state, b + "attn.proj")
-        x = x + _linear(F.gelu(_linear(_layer_norm(x, state, b + "norm2", 1e-6), state, b + "mlp.fc1")), state, b + "mlp.fc2")
+        x = x + _linear(
+            F.gelu(_linear(_layer_norm(x, state, b + "norm2", 1e-6), state, b + "mlp.fc1")), state, b + "mlp.fc2"
+        )
     image = _layer_norm(x, state, v + "norm", 1e-6)
     t, eps, heads = "blip.text_encoder.", 1e-12, tiny.IR_MED["num_attention_heads"]
     h = state[t + "embeddings.word_embeddings.weight"][input_ids]
-    h = _layer_norm(h + state[t + "embeddings.position_embeddings.weight"][: input_ids.shape[1]], state, t + "embeddings.LayerNorm", eps)
+    h = _layer_norm(
+        h + state[t + "embeddings.position_embeddings.weight"][: input_ids.shape[1]],
+        state,
+        t + "embeddings.LayerNorm",
+        eps,
+    )
     for i in range(tiny.IR_MED["num_hidden_layers"]):
         b = f"{t}encoder.layer.{i}."
         for part, source, mask in (("attention", None, attention_mask), ("crossattention", image, None)):
             kv = h if source is None else source
-            a = _attention(_linear(h, state, f"{b}{part}.self.query"), _linear(kv, state, f"{b}{part}.self.key"),
-                           _linear(kv, state, f"{b}{part}.self.value"), heads, mask)
+            a = _attention(
+                _linear(h, state, f"{b}{part}.self.query"),
+                _linear(kv, state, f"{b}{part}.self.key"),
+                _linear(kv, state, f"{b}{part}.self.value"),
+                heads,
+                mask,
+            )
             h = _layer_norm(_linear(a, state, f"{b}{part}.output.dense") + h, state, f"{b}{part}.output.LayerNorm", eps)
         ff = _linear(F.gelu(_linear(h, state, b + "intermediate.dense")), state, b + "output.dense")
         h = _layer_norm(ff + h, state, b + "output.LayerNorm", eps)
@@ -180,13 +197,16 @@ def test_imagereward_port_matches_the_original_architecture(dirs):
 
     images = _images(3, 32)
     reward = REWARDS["imagereward"](path=str(dirs.imagereward), device="cpu")
-    tokens = reward.tokenizer(PROMPTS[:3], padding="max_length", truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+    tokens = reward.tokenizer(
+        PROMPTS[:3], padding="max_length", truncation=True, max_length=MAX_LENGTH, return_tensors="pt"
+    )
     assert tokens.input_ids.shape == (3, 35) and (tokens.input_ids[:, 0] == reward.tokenizer.cls_token_id).all()
     assert len(reward.tokenizer) == len(tiny.BERT_VOCAB) + 2  # [DEC] and [ENC] added as in BLIP
     state = torch.load(dirs.imagereward / "ImageReward.pt", weights_only=True)
     with torch.no_grad():
-        expected, feature = imagereward_reference(state, _normalise(images, CLIP_MEAN, CLIP_STD), tokens.input_ids,
-                                                  tokens.attention_mask)
+        expected, feature = imagereward_reference(
+            state, _normalise(images, CLIP_MEAN, CLIP_STD), tokens.input_ids, tokens.attention_mask
+        )
     scores = reward(images, PROMPTS[:3])
     assert scores.shape == (3,) and scores.dtype == torch.float32
     torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
@@ -208,9 +228,13 @@ def test_imagereward_conversion_rejects_foreign_state_dicts(dirs, tmp_path):
 
 
 def test_weighted_multi_reward_from_config_terms(dirs):
-    cfg = load_config("demo", None, [
-        f"rewards=[{{name: pickscore, weight: 0.01, path: {dirs.clip}}}, {{name: hpsv21, weight: 2.0, path: {dirs.hps}}}]"
-    ])  # fmt: skip
+    cfg = load_config(
+        "demo",
+        None,
+        [
+            f"rewards=[{{name: pickscore, weight: 0.01, path: {dirs.clip}}}, {{name: hpsv21, weight: 2.0, path: {dirs.hps}}}]"
+        ],
+    )
     assert cfg.rewards[0].path == str(dirs.clip)
     reward = build_reward(cfg.rewards, device="cpu")
     images = _images(2, 32)
@@ -226,8 +250,13 @@ def test_bad_path_is_a_pec_error_naming_it(name, tmp_path, dirs):
     missing = tmp_path / "nowhere"
     with pytest.raises(PECError, match=str(missing)):
         REWARDS[name](path=str(missing), device="cpu")
-    wrong = {"pickscore": dirs.hps, "clip_score": dirs.aesthetic, "hpsv21": dirs.clip, "aesthetic": dirs.clip,
-             "imagereward": dirs.clip}[name]
+    wrong = {
+        "pickscore": dirs.hps,
+        "clip_score": dirs.aesthetic,
+        "hpsv21": dirs.clip,
+        "aesthetic": dirs.clip,
+        "imagereward": dirs.clip,
+    }[name]
     with pytest.raises(PECError, match=str(wrong)):
         REWARDS[name](path=str(wrong), device="cpu")
 

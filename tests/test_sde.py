@@ -136,7 +136,9 @@ def test_per_sample_sigmas_broadcast():
     sig_next = sig - 0.1
     batched = flow_sde_step(x, v, sig, sig_next, 0.7, noise=torch.zeros(SHAPE))
     for i in range(3):
-        one = flow_sde_step(x[i : i + 1], v[i : i + 1], float(sig[i]), float(sig_next[i]), 0.7, noise=torch.zeros(1, *SHAPE[1:]))
+        one = flow_sde_step(
+            x[i : i + 1], v[i : i + 1], float(sig[i]), float(sig_next[i]), 0.7, noise=torch.zeros(1, *SHAPE[1:])
+        )
         torch.testing.assert_close(batched.mean[i : i + 1], one.mean)
 
 

@@ -19,10 +19,27 @@ def _study():
 @pytest.mark.slow
 def test_method_suite_trains_evaluates_and_writes_the_table(tmp_path):
     study = _study()
-    tiny = ["train.prompts_per_iteration=1", "train.group_size=2", "train.batch_size=2", "run.progress=false",
-            'run.tensorboard="off"', "report.grid_prompts=1", "report.grid_seeds=[0]"]  # fmt: skip
-    argv = ["--methods", "flow-grpo,mixgrpo", "--iterations", "1", "--prompts", "2", "--per-prompt", "2",
-            "--out", str(tmp_path)] + [a for s in tiny for a in ("--set", s)]  # fmt: skip
+    tiny = [
+        "train.prompts_per_iteration=1",
+        "train.group_size=2",
+        "train.batch_size=2",
+        "run.progress=false",
+        'run.tensorboard="off"',
+        "report.grid_prompts=1",
+        "report.grid_seeds=[0]",
+    ]
+    argv = [
+        "--methods",
+        "flow-grpo,mixgrpo",
+        "--iterations",
+        "1",
+        "--prompts",
+        "2",
+        "--per-prompt",
+        "2",
+        "--out",
+        str(tmp_path),
+    ] + [a for s in tiny for a in ("--set", s)]
     out = study.main(argv)
     for name in ("table.md", "table.csv", "tradeoff.png", "grids.png", "curves.png", "study.json"):
         assert (out / name).is_file(), name
@@ -35,6 +52,17 @@ def test_method_suite_trains_evaluates_and_writes_the_table(tmp_path):
 
 def test_method_suite_lists_every_method_of_the_issue():
     assert list(_study().METHODS) == [
-        "flow-grpo", "pec", "pcvae", "kl", "clip-higher", "entropy-native", "entropy-perceptual", "clip-cov",
-        "kl-cov", "cps", "mixgrpo", "e-grpo", "drift",
-    ]  # fmt: skip
+        "flow-grpo",
+        "pec",
+        "pcvae",
+        "kl",
+        "clip-higher",
+        "entropy-native",
+        "entropy-perceptual",
+        "clip-cov",
+        "kl-cov",
+        "cps",
+        "mixgrpo",
+        "e-grpo",
+        "drift",
+    ]

@@ -70,8 +70,9 @@ def test_unknown_words_fall_back_to_characters():
 def test_shipped_pipeline_loads_offline():
     from diffusers import StableDiffusion3Pipeline
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(DEFAULT_MODEL_DIR), text_encoder_3=None,
-                                                    tokenizer_3=None, local_files_only=True)
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        str(DEFAULT_MODEL_DIR), text_encoder_3=None, tokenizer_3=None, local_files_only=True
+    )
     assert type(pipe.transformer).__name__ == "SD3Transformer2DModel"
     assert pipe.text_encoder_3 is None
     assert pipe.tokenizer("a red star").input_ids == build_tokenizer()("a red star").input_ids
@@ -96,11 +97,12 @@ def test_save_reload_reproduces_outputs(tmp_path):
     with torch.no_grad():
         outs = []
         for p in (pipe, again):
-            embeds, _, pooled, _ = p.encode_prompt(["a red star", ""], None, None,
-                                                   do_classifier_free_guidance=False,
-                                                   max_sequence_length=0)
-            v = p.transformer(latents, timestep=torch.tensor([500.0, 900.0]),
-                              encoder_hidden_states=embeds, pooled_projections=pooled).sample
+            embeds, _, pooled, _ = p.encode_prompt(
+                ["a red star", ""], None, None, do_classifier_free_guidance=False, max_sequence_length=0
+            )
+            v = p.transformer(
+                latents, timestep=torch.tensor([500.0, 900.0]), encoder_hidden_states=embeds, pooled_projections=pooled
+            ).sample
             outs.append((embeds, pooled, v, p.vae.decode(latents).sample))
     assert outs[0][0].shape == (2, MODEL_MAX_LENGTH, 128)
     for a, b in zip(*outs):
@@ -112,8 +114,17 @@ def test_pretrain_smoke_writes_a_loadable_pipeline(tmp_path):
     from trainer.sampling import sample_images
     from trainer.toy.pretrain import pretrain
 
-    report = pretrain(tmp_path / "model", n_images=32, vae_steps=2, vae_batch_size=4, steps=2,
-                      batch_size=4, warmup=1, workers=1, progress=False)
+    report = pretrain(
+        tmp_path / "model",
+        n_images=32,
+        vae_steps=2,
+        vae_batch_size=4,
+        steps=2,
+        batch_size=4,
+        warmup=1,
+        workers=1,
+        progress=False,
+    )
     assert set(report["time_s"]) == {"data", "vae", "latents", "flow", "save", "total"}
     backend = SD3Backend.from_pretrained(str(tmp_path / "model"))
     assert backend.defaults["max_sequence_length"] == 0
@@ -121,8 +132,16 @@ def test_pretrain_smoke_writes_a_loadable_pipeline(tmp_path):
     assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
 
     # a second sitting: same VAE and latent scale, the flow model trained further
-    again = pretrain(tmp_path / "more", init_from=tmp_path / "model", n_images=32, steps=2,
-                     batch_size=4, warmup=1, workers=1, progress=False)
+    again = pretrain(
+        tmp_path / "more",
+        init_from=tmp_path / "model",
+        n_images=32,
+        steps=2,
+        batch_size=4,
+        warmup=1,
+        workers=1,
+        progress=False,
+    )
     first, second = load_pipeline(tmp_path / "model"), load_pipeline(tmp_path / "more")
     for a, b in zip(first.vae.state_dict().values(), second.vae.state_dict().values()):
         assert torch.equal(a, b)
@@ -216,7 +235,6 @@ def test_encoder_separates_free_attributes_of_one_prompt(encoder):
 def test_shipped_model_adherence_and_diversity(encoder):
     from trainer.toy.evaluate import evaluate_toy_model
 
-    report = evaluate_toy_model(prompts=heldout_prompts()[:5], n=16, seed=0, encoder=encoder,
-                                progress=False)
+    report = evaluate_toy_model(prompts=heldout_prompts()[:5], n=16, seed=0, encoder=encoder, progress=False)
     assert report["mean_adherence"] >= 0.75, report
     assert report["min_vendi_ratio"] >= 0.45, report

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -34,8 +33,9 @@ from trainer.toy.world import (
 )
 
 
-def _scene(shape="circle", colour="red", size=0.25, cx=0.5, cy=0.5, rotation=0.0, saturation=1.0,
-           bg=0.5, second=None) -> Scene:
+def _scene(
+    shape="circle", colour="red", size=0.25, cx=0.5, cy=0.5, rotation=0.0, saturation=1.0, bg=0.5, second=None
+) -> Scene:
     return Scene(shape, colour, size, cx, cy, rotation, saturation, 0.0, (bg, bg, bg), second)
 
 
@@ -154,8 +154,7 @@ def test_every_caption_parses_back_to_its_spec():
         assert format_prompt(spec) == text
 
 
-@pytest.mark.parametrize("mention", [(), ("size",), ("position",), ("size", "position"),
-                                     ("relation",)])
+@pytest.mark.parametrize("mention", [(), ("size",), ("position",), ("size", "position"), ("relation",)])
 def test_scene_captions_parse_and_match(mention):
     rng = np.random.default_rng(5)
     for _ in range(60):
@@ -169,7 +168,8 @@ def test_scene_captions_parse_and_match(mention):
 def test_parser_is_tolerant_and_strict_where_it_matters():
     assert parse_prompt("A Red Circle.") == PromptSpec.simple("red", "circle")
     assert parse_prompt("an image of a big blue star in the center") == PromptSpec.simple(
-        "blue", "star", "large", "centre")
+        "blue", "star", "large", "centre"
+    )
     two = parse_prompt("a green triangle and a yellow star")
     assert two.relation == "and" and [o.shape for o in two.objects] == ["triangle", "star"]
     assert parse_prompt("a red square to the left of a cyan ring").relation == "left_of"
@@ -231,8 +231,9 @@ def test_unmentioned_attributes_vary():
 def test_adherence_red_circle_vs_blue_square():
     red_circle = render(_scene("circle", "red"))
     red_square = render(_scene("square", "red"))
-    r = adherence_reward(np.stack([red_circle, red_circle, red_square]),
-                         ["a red circle", "a blue square", "a red circle"])
+    r = adherence_reward(
+        np.stack([red_circle, red_circle, red_square]), ["a red circle", "a blue square", "a red circle"]
+    )
     assert r.dtype == torch.float32 and r.shape == (3,)
     assert r[0] >= 0.8
     assert r[1] <= 0.2
@@ -249,7 +250,7 @@ def test_adherence_confusion_matrix(shape_colour_set):
     assert diag.min() >= 0.9
     assert off.max() <= 0.45
     # per image: the true shape beats every wrong shape by a clear margin
-    for j, s in enumerate(SHAPES):
+    for s in SHAPES:
         wrong = adherence_reward(images, [f"a {c} {s}" for c, _ in truth]).numpy()
         mask = np.array([st != s for _, st in truth])
         assert (own[mask] - wrong[mask]).min() >= 0.3
@@ -276,28 +277,40 @@ def test_adherence_attributes_and_relations():
     big_left = render(_scene("circle", "red", size=0.28, cx=0.32, cy=0.5))
     small_right = render(_scene("circle", "red", size=0.13, cx=0.8, cy=0.3))
     imgs = np.stack([big_left, small_right])
-    for good, bad in [("a large red circle", "a small red circle"),
-                      ("a red circle on the left", "a red circle on the right")]:
+    for good, bad in [
+        ("a large red circle", "a small red circle"),
+        ("a red circle on the left", "a red circle on the right"),
+    ]:
         r_good = adherence_reward(big_left, good)
         r_bad = adherence_reward(big_left, bad)
         assert r_good >= 0.9 and r_bad <= r_good - 0.3
     r = adherence_reward(imgs, ["a small red circle at the top", "a small red circle at the top"])
     assert r[1] >= 0.9 and r[0] <= 0.5
-    pair = render(_scene("circle", "red", size=0.15, cx=0.25, cy=0.5,
-                         second=ShapeObject("square", "blue", 0.15, 0.75, 0.45, 20.0)))
-    r = adherence_reward(np.stack([pair] * 5), [
-        "a red circle and a blue square", "a red circle to the left of a blue square",
-        "a blue square to the right of a red circle", "a red circle to the right of a blue square",
-        "a red circle above a blue square"])
+    pair = render(
+        _scene(
+            "circle", "red", size=0.15, cx=0.25, cy=0.5, second=ShapeObject("square", "blue", 0.15, 0.75, 0.45, 20.0)
+        )
+    )
+    r = adherence_reward(
+        np.stack([pair] * 5),
+        [
+            "a red circle and a blue square",
+            "a red circle to the left of a blue square",
+            "a blue square to the right of a red circle",
+            "a red circle to the right of a blue square",
+            "a red circle above a blue square",
+        ],
+    )
     assert r[:3].min() >= 0.9 and r[3:].max() <= 0.5
-    r = adherence_reward(np.stack([pair, render(_scene("circle", "red"))]),
-                         ["a red circle and a blue star", "a red circle and a blue square"])
+    r = adherence_reward(
+        np.stack([pair, render(_scene("circle", "red"))]),
+        ["a red circle and a blue star", "a red circle and a blue square"],
+    )
     assert r.max() <= 0.7  # a wrong or missing second object costs a lot
 
 
 def test_dataset_images_score_high_for_their_own_captions():
-    ds = ShapesDataset(128, seed=21, split="all", p_second=0.3, p_size=0.5, p_position=0.5,
-                       as_tensor=False)
+    ds = ShapesDataset(128, seed=21, split="all", p_second=0.3, p_size=0.5, p_position=0.5, as_tensor=False)
     imgs, caps = ds.images(), ds.captions()
     own = adherence_reward(imgs, caps)
     assert own.min() >= 0.85 and own.mean() >= 0.95
@@ -318,20 +331,22 @@ def test_preference_prefers_large_centred_saturated():
     assert r[0] >= 0.9 and r[0] - r[1] >= 0.4
 
 
-@pytest.mark.parametrize("attr,values,direction", [
-    ("size", [0.11, 0.15, 0.19, 0.23, 0.27, 0.30], +1),
-    ("cx", [0.5, 0.55, 0.6, 0.65, 0.7, 0.75], -1),
-    ("saturation", [0.6, 0.7, 0.8, 0.9, 1.0], +1),
-    ("bg", [0.12, 0.2, 0.3, 0.4, 0.5], -1),  # towards the trough between the two optima
-    ("bg", [0.5, 0.6, 0.7, 0.8, 0.88], +1),
-    ("rotation", [0.0, 9.0, 18.0, 27.0, 36.0], -1),
-])
+@pytest.mark.parametrize(
+    "attr,values,direction",
+    [
+        ("size", [0.11, 0.15, 0.19, 0.23, 0.27, 0.30], +1),
+        ("cx", [0.5, 0.55, 0.6, 0.65, 0.7, 0.75], -1),
+        ("saturation", [0.6, 0.7, 0.8, 0.9, 1.0], +1),
+        ("bg", [0.12, 0.2, 0.3, 0.4, 0.5], -1),  # towards the trough between the two optima
+        ("bg", [0.5, 0.6, 0.7, 0.8, 0.88], +1),
+        ("rotation", [0.0, 9.0, 18.0, 27.0, 36.0], -1),
+    ],
+)
 @pytest.mark.parametrize("shape", ["circle", "star"])
 def test_preference_is_monotone_along_sweeps(attr, values, direction, shape):
     if attr == "rotation" and shape == "circle":
         shape = "square"
-    base = {"shape": shape, "colour": "blue", "size": 0.24, "cx": 0.5, "cy": 0.5,
-            "saturation": 0.9, "bg": 0.4}
+    base = {"shape": shape, "colour": "blue", "size": 0.24, "cx": 0.5, "cy": 0.5, "saturation": 0.9, "bg": 0.4}
     imgs = np.stack([render(_scene(**{**base, attr: v})) for v in values])
     r = preference_reward(imgs, [f"a blue {shape}"] * len(values)).numpy()
     steps = np.diff(r) * direction
@@ -342,8 +357,7 @@ def test_preference_optimum_has_two_modes():
     rng = np.random.default_rng(4)
     data = np.stack([render(sample_scene(rng, "a green square")) for _ in range(64)])
     r_data = preference_reward(data, "a green square")
-    dark, mid, light = (render(_scene("square", "green", size=0.3, saturation=1.0, bg=bg))
-                        for bg in (0.12, 0.5, 0.88))
+    dark, mid, light = (render(_scene("square", "green", size=0.3, saturation=1.0, bg=bg)) for bg in (0.12, 0.5, 0.88))
     r_dark, r_mid, r_light = preference_reward(np.stack([dark, mid, light]), "a green square")
     assert min(r_dark, r_light) > r_data.max()
     assert abs(r_dark - r_light) < 0.02  # equally good peaks, a trough between them
@@ -360,13 +374,16 @@ def test_preference_optimum_has_two_modes():
 
 def test_degenerate_images_do_not_produce_nan():
     rng = np.random.default_rng(0)
-    imgs = np.stack([
-        np.zeros((64, 64, 3), np.uint8), np.full((64, 64, 3), 255, np.uint8),
-        np.full((64, 64, 3), 128, np.uint8),
-        rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
-        np.clip(128 + 8 * rng.standard_normal((64, 64, 3)), 0, 255).astype(np.uint8),
-        np.broadcast_to(np.array(COLOURS["red"], np.uint8), (64, 64, 3)),
-    ])
+    imgs = np.stack(
+        [
+            np.zeros((64, 64, 3), np.uint8),
+            np.full((64, 64, 3), 255, np.uint8),
+            np.full((64, 64, 3), 128, np.uint8),
+            rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+            np.clip(128 + 8 * rng.standard_normal((64, 64, 3)), 0, 255).astype(np.uint8),
+            np.broadcast_to(np.array(COLOURS["red"], np.uint8), (64, 64, 3)),
+        ]
+    )
     for prompts in (["a red circle"] * 6, ["a red circle and a blue square"] * 6):
         a = adherence_reward(imgs, prompts)
         p = preference_reward(imgs, prompts)

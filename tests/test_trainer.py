@@ -45,13 +45,26 @@ def model_dir(tmp_path_factory):
 
 def tiny_overrides(model_dir, run_dir, **extra):
     values = {
-        "model.path": model_dir, "run.dir": str(run_dir), "run.progress": False, "run.tensorboard": "off",
+        "model.path": model_dir,
+        "run.dir": str(run_dir),
+        "run.progress": False,
+        "run.tensorboard": "off",
         "pec.encoder_path": str(Path(model_dir) / "encoder" / "toy_encoder.safetensors"),
-        "train.iterations": 3, "train.prompts_per_iteration": 2, "train.group_size": 4, "train.batch_size": 4,
-        "sampling.window.size": 2, "sampling.window.start_max": 1, "checkpoint.every": 1,
-        "report.grid_prompts": 1, "report.grid_seeds": [0, 1], **extra,
-    }  # fmt: skip
-    return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in values.items()]
+        "train.iterations": 3,
+        "train.prompts_per_iteration": 2,
+        "train.group_size": 4,
+        "train.batch_size": 4,
+        "sampling.window.size": 2,
+        "sampling.window.start_max": 1,
+        "checkpoint.every": 1,
+        "report.grid_prompts": 1,
+        "report.grid_seeds": [0, 1],
+        **extra,
+    }
+    return [
+        f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+        for k, v in values.items()
+    ]
 
 
 def test_shared_initial_noise_gives_a_group_one_start_and_different_endings(model_dir, tmp_path):
@@ -63,9 +76,17 @@ def test_shared_initial_noise_gives_a_group_one_start_and_different_endings(mode
     cfg = load_config("demo", None, tiny_overrides(model_dir, tmp_path / "run"))
     res, steps = backend.defaults["resolution"], backend.defaults["num_steps"]
     ro = rollout(
-        backend, ["a red circle"] * 4, cfg, backend.schedule(steps, res, res), stochastic_steps("all", steps), seeds,
-        3.0, 0.7, res, init,
-    )  # fmt: skip
+        backend,
+        ["a red circle"] * 4,
+        cfg,
+        backend.schedule(steps, res, res),
+        stochastic_steps("all", steps),
+        seeds,
+        3.0,
+        0.7,
+        res,
+        init,
+    )
     start = ro.latents[:, 0]  # the first step is trained: its input is the initial noise
     assert torch.equal(start[0], start[1]) and torch.equal(start[2], start[3]) and not torch.equal(start[0], start[2])
     assert not torch.equal(ro.next_latents[0, 0], ro.next_latents[1, 0])  # each sample draws its own SDE noise
@@ -77,14 +98,35 @@ def lora_tensors(run_dir):
 
 def test_pec_run_writes_everything_and_policy_entropy_is_constant(model_dir, tmp_path):
     run = tmp_path / "run"
-    cfg = load_config("demo", None, tiny_overrides(model_dir, run, **{"sampling.window.rule": "all", "train.kl_beta": 0.05}))
+    cfg = load_config(
+        "demo", None, tiny_overrides(model_dir, run, **{"sampling.window.rule": "all", "train.kl_beta": 0.05})
+    )
     train(cfg)
-    for name in ("config.yaml", "log.jsonl", "lora.safetensors", "report.md", "curves.png", "grid_before.png", "grid_after.png"):
+    for name in (
+        "config.yaml",
+        "log.jsonl",
+        "lora.safetensors",
+        "report.md",
+        "curves.png",
+        "grid_before.png",
+        "grid_after.png",
+    ):
         assert (run / name).is_file(), name
     rows = read_log(run)
     assert [r["iteration"] for r in rows] == [0, 1, 2]
-    for key in ("reward_mean", "reward_std", "policy_entropy", "perceptual_entropy", "vendi", "kl", "clip_frac",
-                "ratio_mean", "time_rollout", "time_update", "groups_zero_std"):  # fmt: skip
+    for key in (
+        "reward_mean",
+        "reward_std",
+        "policy_entropy",
+        "perceptual_entropy",
+        "vendi",
+        "kl",
+        "clip_frac",
+        "ratio_mean",
+        "time_rollout",
+        "time_update",
+        "groups_zero_std",
+    ):
         assert key in rows[-1], key
     # Paper Property 1: the closed-form policy entropy does not depend on the network.
     assert len({r["policy_entropy"] for r in rows}) == 1
@@ -103,7 +145,9 @@ def _cli_train(config_file):
 
 
 def _config_file(model_dir, run_dir, tmp_path):
-    cfg = load_config("demo", None, tiny_overrides(model_dir, run_dir, **{"train.iterations": 4, "pec.method": "pcvae"}))
+    cfg = load_config(
+        "demo", None, tiny_overrides(model_dir, run_dir, **{"train.iterations": 4, "pec.method": "pcvae"})
+    )
     path = tmp_path / f"{Path(run_dir).name}.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     return path
@@ -163,7 +207,11 @@ def test_nan_reward_drops_the_group_and_goes_on(model_dir, tmp_path, monkeypatch
 def test_nan_three_iterations_running_stops_after_saving(model_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(reward_registry.REWARDS, "broken", _nan_reward(set(range(1, 100))))
     run = tmp_path / "nan_always"
-    cfg = load_config("demo", None, tiny_overrides(model_dir, run, rewards=[{"name": "broken"}], **{"train.iterations": 6, "checkpoint.every": 5}))
+    cfg = load_config(
+        "demo",
+        None,
+        tiny_overrides(model_dir, run, rewards=[{"name": "broken"}], **{"train.iterations": 6, "checkpoint.every": 5}),
+    )
     with pytest.raises(TrainingError, match="NaN in 3 iterations in a row"):
         train(cfg)
     assert (run / "checkpoints" / "iter_000002" / "COMPLETE").is_file()
@@ -224,11 +272,22 @@ def test_an_fsdp_rank_without_trained_samples_joins_every_forward_at_weight_zero
     params = add_lora(backend, cfg)
     d = backend.defaults
     res, steps = d["resolution"], d["num_steps"]
-    sigmas, guidance, noise_level = backend.schedule(steps, res, res), float(d["guidance_scale"]), float(d["noise_level"])
+    sigmas, guidance, noise_level = (
+        backend.schedule(steps, res, res),
+        float(d["guidance_scale"]),
+        float(d["noise_level"]),
+    )
     ro = rollout(
-        backend, ["a red circle"] * 4, cfg, sigmas, stochastic_steps("window", steps, size=2, start=0),
-        torch.tensor([11, 12, 13, 14]), guidance, noise_level, res,
-    )  # fmt: skip
+        backend,
+        ["a red circle"] * 4,
+        cfg,
+        sigmas,
+        stochastic_steps("window", steps, size=2, start=0),
+        torch.tensor([11, 12, 13, 14]),
+        guidance,
+        noise_level,
+        res,
+    )
     assert len(ro.steps) == 2
     calls = {"n": 0}
     velocity = backend.velocity
@@ -252,7 +311,9 @@ def test_an_fsdp_rank_without_trained_samples_joins_every_forward_at_weight_zero
     assert any(g is not None and g.abs().sum() > 0 for step in trained_steps for g in step)
 
     # Its group dropped (a NaN reward), this rank trains nothing; under FSDP it makes the same calls anyway.
-    fsdp_calls, fsdp_steps, fsdp_out = run([float("nan"), 1.0, 2.0, 3.0], _ZeroShareRank(rank=1, world=2, sharded=object()))
+    fsdp_calls, fsdp_steps, fsdp_out = run(
+        [float("nan"), 1.0, 2.0, 3.0], _ZeroShareRank(rank=1, world=2, sharded=object())
+    )
     assert fsdp_calls == trained_calls
     assert len(fsdp_steps) == 2
     for step in fsdp_steps:

@@ -20,19 +20,30 @@ import torch
 
 WORDS = ["a", "red", "blue", "circle", "square", "on", "the", "cat", "dog", "photo", "of"]
 
-CLIP_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                 max_position_embeddings=77)
-CLIP_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                   image_size=32, patch_size=8)
+CLIP_TEXT = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77
+)
+CLIP_VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+)
 HPS_CONFIG = dict(
     embed_dim=16,
     vision_cfg=dict(image_size=32, layers=1, width=32, head_width=16, patch_size=8),
     text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
 )
 IR_VISION = dict(width=64, depth=2, patch=16, image_size=32)  # one 64-wide head, 2×2 patches
-IR_MED = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-              max_position_embeddings=40, hidden_act="gelu", layer_norm_eps=1e-12, pad_token_id=0,
-              model_type="bert", add_cross_attention=True)
+IR_MED = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=40,
+    hidden_act="gelu",
+    layer_norm_eps=1e-12,
+    pad_token_id=0,
+    model_type="bert",
+    add_cross_attention=True,
+)
 BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
 
 
@@ -43,10 +54,18 @@ def save_tiny_clip(directory: Path, seed: int = 0, logit_scale: float = 4.6052) 
     from trainer.toy.model import build_tokenizer
 
     tokenizer = build_tokenizer(WORDS)
-    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    config = CLIPConfig(text_config={**CLIP_TEXT, **ids}, vision_config=CLIP_VISION, projection_dim=16,
-                        logit_scale_init_value=logit_scale)
+    ids = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = CLIPConfig(
+        text_config={**CLIP_TEXT, **ids},
+        vision_config=CLIP_VISION,
+        projection_dim=16,
+        logit_scale_init_value=logit_scale,
+    )
     torch.manual_seed(seed)
     CLIPModel(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -92,7 +92,7 @@ def _run_training(config, resume: bool) -> int:
     print(f"done in {minutes:.1f} min (wall time)")
     print(f"  LoRA:   {lora}  (scale baked in: strength 1.0)")
     print(f"  report: {run_dir / 'report.md'}")
-    print(f"  try it: pec sample --lora {lora} --prompt \"a red circle\"")
+    print(f'  try it: pec sample --lora {lora} --prompt "a red circle"')
     print("  ComfyUI: copy the LoRA to models/loras/ and use LoraLoaderModelOnly")
     return 0
 
@@ -144,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prompt", action="append", help="a prompt (repeat for more rows)")
     p.add_argument("--prompts-file", help="text file with one prompt per line")
-    p.add_argument("--seeds", type=_parse_seeds, default=_parse_seeds("0-7"), help="seeds, e.g. 0-7 or 1,5,9 (default 0-7)")
+    p.add_argument(
+        "--seeds", type=_parse_seeds, default=_parse_seeds("0-7"), help="seeds, e.g. 0-7 or 1,5,9 (default 0-7)"
+    )
     p.add_argument("--model", help="diffusers pipeline directory or hub id (default: the embedded tiny model)")
     p.add_argument("--family", choices=["sd3", "flux"], help="model family, needed for hub ids")
     p.add_argument("--lora", help="LoRA .safetensors to apply")

@@ -21,8 +21,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ from .grids import image_grid
 NORM_QUALITY, NORM_DIVERSITY, OVERALL = "norm_avg_quality", "norm_avg_diversity", "overall"
 TITLE_HEIGHT = 16
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -81,7 +81,7 @@ def overall_table(
     rows: Sequence[Mapping[str, float]],
     quality_cols: Sequence[str],
     diversity_cols: Sequence[str],
-    higher_is_better: Optional[Mapping[str, bool]] = None,
+    higher_is_better: Mapping[str, bool] | None = None,
 ) -> list[dict]:
     """Add the paper's Norm.Avg (quality), Norm.Avg (diversity) and Overall to each row (DESIGN §7).
 
@@ -123,12 +123,17 @@ def _fmt(value: float) -> str:
     return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
 
 
-def table_markdown(rows: Sequence[dict], quality_cols: Sequence[str], diversity_cols: Sequence[str],
-                   higher_is_better: Optional[Mapping[str, bool]] = None) -> str:
+def table_markdown(
+    rows: Sequence[dict],
+    quality_cols: Sequence[str],
+    diversity_cols: Sequence[str],
+    higher_is_better: Mapping[str, bool] | None = None,
+) -> str:
     """Table-1 layout: method | quality… | Norm.Avg (Q) | diversity… | Norm.Avg (D) | Overall; best in bold."""
     better = dict(higher_is_better or {})
     cols = [*quality_cols, NORM_QUALITY, *diversity_cols, NORM_DIVERSITY, OVERALL]
     heads = {NORM_QUALITY: "Norm.Avg (Q)", NORM_DIVERSITY: "Norm.Avg (D)", OVERALL: "Overall"}
+
     def show(c: str, value: float) -> str:
         return f"{value:.3f}" if c in heads else _fmt(value)
 
@@ -139,8 +144,9 @@ def table_markdown(rows: Sequence[dict], quality_cols: Sequence[str], diversity_
     lines = ["| method | " + " | ".join(heads.get(c, c) for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for row in rows:
         # bold what prints as the best value (ties at the printed precision included)
-        cells = [f"**{show(c, row[c])}**" if show(c, row[c]) == best[c] and len(rows) > 1 else show(c, row[c])
-                 for c in cols]
+        cells = [
+            f"**{show(c, row[c])}**" if show(c, row[c]) == best[c] and len(rows) > 1 else show(c, row[c]) for c in cols
+        ]
         lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -185,10 +191,21 @@ def plot_tradeoff(rows: Sequence[dict], path: PathLike) -> None:
             near[2].append(row["method"])
     for x, y, names in points:
         below = len(names) > 1  # a stacked label hangs below its point, clear of its neighbours' labels
-        ax.annotate("\n".join(names), (x, y), textcoords="offset points", xytext=(5, -6 if below else 4),
-                    va="top" if below else "baseline", fontsize=8)  # fmt: skip
-    ax.set(xlim=(-0.05, 1.1), ylim=(-0.05, 1.1), xlabel="diversity (Norm.Avg)", ylabel="quality (Norm.Avg)",
-           title="quality vs diversity")
+        ax.annotate(
+            "\n".join(names),
+            (x, y),
+            textcoords="offset points",
+            xytext=(5, -6 if below else 4),
+            va="top" if below else "baseline",
+            fontsize=8,
+        )
+    ax.set(
+        xlim=(-0.05, 1.1),
+        ylim=(-0.05, 1.1),
+        xlabel="diversity (Norm.Avg)",
+        ylabel="quality (Norm.Avg)",
+        title="quality vs diversity",
+    )
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -203,8 +220,15 @@ def _tile(images: torch.Tensor, size: int) -> tuple[torch.Tensor, int]:
     return images, max(1, size // side)  # small images: nearest-neighbour upscale keeps them crisp
 
 
-def plot_grids(eval_dirs: Sequence[Path], names: Sequence[str], path: PathLike, *, prompts: int = 4,
-               seeds: int = 4, tile: int = 128) -> None:
+def plot_grids(
+    eval_dirs: Sequence[Path],
+    names: Sequence[str],
+    path: PathLike,
+    *,
+    prompts: int = 4,
+    seeds: int = 4,
+    tile: int = 128,
+) -> None:
     """The first ``prompts`` prompts × ``seeds`` seeds of every eval directory, side by side, one title each."""
     from .evaluation import image_name, load_images, read_manifest
 
@@ -220,8 +244,9 @@ def plot_grids(eval_dirs: Sequence[Path], names: Sequence[str], path: PathLike, 
         panel.paste(grid, (0, TITLE_HEIGHT))
         panels.append(panel)
     gap = 12
-    out = Image.new("RGB", (sum(p.width for p in panels) + gap * (len(panels) - 1), max(p.height for p in panels)),
-                    "white")
+    out = Image.new(
+        "RGB", (sum(p.width for p in panels) + gap * (len(panels) - 1), max(p.height for p in panels)), "white"
+    )
     left = 0
     for panel in panels:
         out.paste(panel, (left, 0))
@@ -229,8 +254,9 @@ def plot_grids(eval_dirs: Sequence[Path], names: Sequence[str], path: PathLike, 
     out.save(path)
 
 
-def plot_similarity(eval_dirs: Sequence[Path], names: Sequence[str], path: PathLike, *,
-                    encoder: Optional[str] = None, prompt_idx: int = 0) -> None:
+def plot_similarity(
+    eval_dirs: Sequence[Path], names: Sequence[str], path: PathLike, *, encoder: str | None = None, prompt_idx: int = 0
+) -> None:
     """Per method, the cosine-similarity matrix ``[N, N]`` of one prompt's samples in an encoder space
     (default: the alphabetically first one in ``features.safetensors``), on one colour scale."""
     from safetensors.torch import load_file
@@ -276,12 +302,12 @@ def run_compare(
     runs: Sequence[PathLike],
     out_dir: PathLike,
     *,
-    names: Optional[Sequence[str]] = None,
-    quality: Optional[Sequence[str]] = None,
-    diversity: Optional[Sequence[str]] = None,
+    names: Sequence[str] | None = None,
+    quality: Sequence[str] | None = None,
+    diversity: Sequence[str] | None = None,
     grid_prompts: int = 4,
     grid_seeds: int = 4,
-    encoder: Optional[str] = None,
+    encoder: str | None = None,
     prompt_idx: int = 0,
 ) -> dict[str, Path]:
     """Table (Markdown + CSV) and plots for the eval directories found in ``runs``.
@@ -301,8 +327,10 @@ def run_compare(
     diversity = list(diversity or common_columns(metrics, "diversity"))
     if not quality or not diversity:
         group = "quality (reward)" if not quality else "diversity (encoder)"
-        raise PECError(f"the evals share no {group} metric; re-run `pec eval` with --rewards / --encoders "
-                       "(images are reused) or name the columns with --quality / --diversity")
+        raise PECError(
+            f"the evals share no {group} metric; re-run `pec eval` with --rewards / --encoders "
+            "(images are reused) or name the columns with --quality / --diversity"
+        )
     extra = [c for c in common_columns(metrics, "extra") if c not in quality + diversity]
     rows = []
     for name, m in zip(names, metrics):
@@ -314,18 +342,34 @@ def run_compare(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    notes = [f"Quality (averaged): {', '.join(quality)}. Diversity (averaged): {', '.join(diversity)}.",
-             "Norm.Avg: min-max normalised across the methods of this table, then averaged; "
-             "Overall = mean of the two Norm.Avg."]
+    notes = [
+        f"Quality (averaged): {', '.join(quality)}. Diversity (averaged): {', '.join(diversity)}.",
+        "Norm.Avg: min-max normalised across the methods of this table, then averaged; "
+        "Overall = mean of the two Norm.Avg.",
+    ]
     if extra:
         notes.append(f"Also in table.csv (not averaged): {', '.join(extra)}.")
     if len({json.dumps([m["identity"]["sampler"], m["num_prompts"], m["samples_per_prompt"]]) for m in metrics}) > 1:
         notes.append("Warning: the evals differ in sampler settings, prompt count or samples per prompt.")
     sizes = ", ".join(f"{n}: {m['num_prompts']} prompts x {m['samples_per_prompt']}" for n, m in zip(names, metrics))
-    text = "\n".join(["# Quality–diversity comparison", "", f"Evaluations: {sizes}.", "",
-                      table_markdown(table, quality, diversity), "", *notes])
-    paths = {"markdown": out / "table.md", "csv": out / "table.csv", "tradeoff": out / "tradeoff.png",
-             "grids": out / "grids.png", "similarity": out / "similarity.png"}
+    text = "\n".join(
+        [
+            "# Quality–diversity comparison",
+            "",
+            f"Evaluations: {sizes}.",
+            "",
+            table_markdown(table, quality, diversity),
+            "",
+            *notes,
+        ]
+    )
+    paths = {
+        "markdown": out / "table.md",
+        "csv": out / "table.csv",
+        "tradeoff": out / "tradeoff.png",
+        "grids": out / "grids.png",
+        "similarity": out / "similarity.png",
+    }
     paths["markdown"].write_text(text + "\n", encoding="utf-8")
     write_csv(table, [*quality, *diversity, *extra, NORM_QUALITY, NORM_DIVERSITY, OVERALL], paths["csv"])
     plot_tradeoff(table, paths["tradeoff"])

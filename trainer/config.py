@@ -13,7 +13,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -34,23 +34,23 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """Which model to fine-tune, and how to hold it in memory."""
 
-    path: Optional[str] = Field(
+    path: str | None = Field(
         None,
         description="diffusers pipeline dir or hub id, or a single-file transformer checkpoint (.safetensors, "
         "needs model.base); null = the embedded tiny model",
     )
-    family: Optional[str] = Field(None, description="model family (sd3, flux); detected from model_index.json")
-    base: Optional[str] = Field(
+    family: str | None = Field(None, description="model family (sd3, flux); detected from model_index.json")
+    base: str | None = Field(
         None,
         description="single-file checkpoints only: the diffusers pipeline (hub id or dir) of the same architecture "
         "that supplies the transformer config, VAE, text encoders, tokenizers and scheduler",
     )
-    revision: Optional[str] = Field(None, description="hub revision of path (of base for a single file)")
+    revision: str | None = Field(None, description="hub revision of path (of base for a single file)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="transformer and text encoders; the VAE, LoRA and step math stay float32"
     )
-    use_t5: Optional[bool] = Field(None, description="SD3: load T5 (default off: its tokens are zeros); FLUX: always")
-    max_sequence_length: Optional[int] = Field(None, ge=1, description="T5 tokens; null = model default (256 / 512)")
+    use_t5: bool | None = Field(None, description="SD3: load T5 (default off: its tokens are zeros); FLUX: always")
+    max_sequence_length: int | None = Field(None, ge=1, description="T5 tokens; null = model default (256 / 512)")
     gradient_checkpointing: bool = Field(False, description="recompute transformer activations in the backward pass")
     prompt_cache: int = Field(0, ge=0, description="prompts whose text embeddings are kept on the CPU (0 = off)")
     offload_text_encoders: bool = Field(False, description="keep text encoders on the CPU between encodes")
@@ -58,7 +58,7 @@ class ModelConfig(_Section):
     compile: bool = Field(False, description="torch.compile the transformer's forward (the first iterations compile)")
 
     @model_validator(mode="after")
-    def _single_file_rules(self) -> "ModelConfig":
+    def _single_file_rules(self) -> ModelConfig:
         from .backends.pipeline import is_single_file
 
         single = self.path is not None and is_single_file(self.path)
@@ -101,11 +101,11 @@ class WindowConfig(_Section):
 class SamplingConfig(_Section):
     """Rollout sampling; null values take the model's defaults (its pec.json)."""
 
-    resolution: Optional[int] = Field(None, gt=0)
-    num_steps: Optional[int] = Field(None, ge=2)
-    guidance_scale: Optional[float] = Field(None, ge=0)
+    resolution: int | None = Field(None, gt=0)
+    num_steps: int | None = Field(None, ge=2)
+    guidance_scale: float | None = Field(None, ge=0)
     sde: Literal["flow_sde", "cps"] = "flow_sde"
-    noise_level: Optional[float] = Field(None, gt=0, le=1.5)
+    noise_level: float | None = Field(None, gt=0, le=1.5)
     shared_init_noise: bool = Field(
         False,
         description="a group shares its initial noise (DanceGRPO; E-GRPO always does), so the reward spread "
@@ -120,7 +120,16 @@ class LoraConfig(_Section):
     rank: int = Field(32, ge=1)
     alpha: float = Field(64.0, gt=0)
     targets: list[str] = Field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
+        default_factory=lambda: [
+            "to_q",
+            "to_k",
+            "to_v",
+            "to_out.0",
+            "add_q_proj",
+            "add_k_proj",
+            "add_v_proj",
+            "to_add_out",
+        ],
         description="module-name suffixes that get a LoRA",
     )
     init_scale: float = Field(0.0, ge=0, description="std of a random lora_B init (0 = PEFT's zero init)")
@@ -169,7 +178,7 @@ class TrainConfig(_Section):
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = Field(1.0, gt=0)
     clip_range: float = Field(1e-4, gt=0, description="ε_low of the PPO clip")
-    clip_range_high: Optional[float] = Field(None, gt=0, description="ε_high (Clip-Higher); null = ε_low")
+    clip_range_high: float | None = Field(None, gt=0, description="ε_high (Clip-Higher); null = ε_low")
     adv_clip: float = Field(5.0, gt=0)
     adv_std: Literal["group", "global"] = "group"
     kl_beta: float = Field(0.0, ge=0)
@@ -187,7 +196,7 @@ class RewardTerm(_Section):
 
     name: str
     weight: float = 1.0
-    path: Optional[str] = Field(None, description="reward model: hub id or local path; null = its published weights")
+    path: str | None = Field(None, description="reward model: hub id or local path; null = its published weights")
 
 
 class PecConfig(_Section):
@@ -196,11 +205,11 @@ class PecConfig(_Section):
     method: Literal["none", "pec", "pcvae"] = "none"
     beta: float = Field(0.5, ge=0)
     encoder: str = "toy"
-    encoder_path: Optional[str] = Field(None, description="weights for the encoder; null = its shipped/hub weights")
+    encoder_path: str | None = Field(None, description="weights for the encoder; null = its shipped/hub weights")
     normalize_features: bool = True
     decode: Literal["noisy", "x0"] = "noisy"
     step_norm: Literal["zscore", "none"] = "zscore"
-    bonus_clip: Optional[float] = Field(
+    bonus_clip: float | None = Field(
         None, gt=0, description="PEC: bound each step's z-scored energy to ±bonus_clip (null = unbounded, eq. 17)"
     )
     one_sided: bool = Field(False, description="PCVAE: penalise only gains below the calibration")
@@ -217,7 +226,7 @@ class DriftConfig(_Section):
     prompt_noise: float = Field(
         0.0, ge=0, description="(ii) std of the Gaussian noise on prompt embeddings, relative to their RMS (0 = off)"
     )
-    prompt_noise_anneal: Optional[int] = Field(
+    prompt_noise_anneal: int | None = Field(
         None, ge=1, description="(ii) iterations over which the noise decays linearly to 0; null = train.iterations"
     )
     diversity_alpha: float = Field(
@@ -226,8 +235,8 @@ class DriftConfig(_Section):
 
 
 class PromptsConfig(_Section):
-    train: Union[str, list[str]] = Field("toy-train", description="a preset name, a text file, or a list")
-    eval: Union[str, list[str]] = Field("toy-heldout", description="prompts for before/after grids")
+    train: str | list[str] = Field("toy-train", description="a preset name, a text file, or a list")
+    eval: str | list[str] = Field("toy-heldout", description="prompts for before/after grids")
 
 
 class CheckpointConfig(_Section):
@@ -296,7 +305,7 @@ class Config(_Section):
         )
 
     @model_validator(mode="after")
-    def _cross_field_rules(self) -> "Config":
+    def _cross_field_rules(self) -> Config:
         t = self.train
         total = t.prompts_per_iteration * t.group_size
         if total % t.batch_size:
@@ -320,7 +329,7 @@ class Config(_Section):
         return self
 
     @model_validator(mode="after")
-    def _method_rules(self) -> "Config":
+    def _method_rules(self) -> Config:
         """Combinations of the DESIGN §6 methods that cannot work, each named."""
         if self.sampling.window.rule == "egrpo":
             if self.sampling.sde != "flow_sde":
@@ -435,9 +444,7 @@ def _explain(err: ValidationError, layers: list[tuple[str, dict]]) -> str:
     return f"{source}: {dotted}: {message}" if loc else f"{source}: {message}"
 
 
-def load_config(
-    preset: Optional[str] = None, file: Optional[str] = None, overrides: Optional[list[str]] = None
-) -> Config:
+def load_config(preset: str | None = None, file: str | None = None, overrides: list[str] | None = None) -> Config:
     """Build and validate a :class:`Config` from a preset, a YAML file and ``key=value`` overrides."""
     layers: list[tuple[str, dict]] = []
     if preset is not None:

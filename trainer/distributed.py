@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -46,7 +46,7 @@ class SampleLayout:
     rank: int
     sampler: str
 
-    def indices(self, rank: Optional[int] = None) -> torch.Tensor:
+    def indices(self, rank: int | None = None) -> torch.Tensor:
         """Global indices drawn by ``rank`` (default: this one), ``[N/W]`` int64, ascending."""
         rank = self.rank if rank is None else rank
         per_rank = self.total // self.world
@@ -66,7 +66,7 @@ class SampleLayout:
             return values[self.indices()]
         return [values[i] for i in self.indices().tolist()]
 
-    def local_advantages(self, adv) -> "LocalAdvantages":
+    def local_advantages(self, adv) -> LocalAdvantages:
         """This rank's rows of the global :class:`~trainer.grpo.Advantages`."""
         mine = self.indices()
         return LocalAdvantages(adv.values[mine], adv.trained[mine])
@@ -80,7 +80,9 @@ class LocalAdvantages:
     trained: torch.Tensor
 
 
-def plan_layout(total: int, group_size: int, batch_size: int, world: int, rank: int, sampler: str = "auto") -> SampleLayout:
+def plan_layout(
+    total: int, group_size: int, batch_size: int, world: int, rank: int, sampler: str = "auto"
+) -> SampleLayout:
     """The layout of N = ``total`` samples over ``world`` ranks; a :class:`ConfigError` states a broken rule.
 
     Rules: W divides N (every rank draws N/W samples); ``batch_size`` divides N/W (every local sample
@@ -120,11 +122,11 @@ class Parallel:
 
     rank: int = 0
     world: int = 1
-    device: Optional[torch.device] = None
+    device: torch.device | None = None
     sharded: Any = None
 
     @classmethod
-    def from_environment(cls) -> "Parallel":
+    def from_environment(cls) -> Parallel:
         """Several processes when started by ``accelerate launch`` (``WORLD_SIZE`` > 1), else one."""
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return cls()
@@ -169,7 +171,7 @@ class Parallel:
         }
         return dataclasses.replace(stats, **gathered)
 
-    def loss_share(self, local_count: int) -> Optional[float]:
+    def loss_share(self, local_count: int) -> float | None:
         """Weight of this rank's mean loss so the rank-averaged gradient is the mean over all ranks' samples.
 
         ``local_count`` samples of this micro-batch are trained here; the weight is ``local·W / global``

@@ -55,11 +55,25 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         label = target[0][0] if target else "the base model"
         print(f"evaluating {label}: {len(prompts)} prompts x {args.per_prompt} samples")
         eval_dir = run_eval(
-            args.model, target, prompts, args.per_prompt, args.out, name=args.name, family=args.family,
-            seed_base=args.seed_base, sde=args.sde, noise_level=args.noise_level, num_steps=args.steps,
-            guidance=args.cfg, resolution=args.resolution, batch_size=args.batch_size, rewards=rewards,
-            encoders=encoders, device=device, dtype=dtype,
-        )  # fmt: skip
+            args.model,
+            target,
+            prompts,
+            args.per_prompt,
+            args.out,
+            name=args.name,
+            family=args.family,
+            seed_base=args.seed_base,
+            sde=args.sde,
+            noise_level=args.noise_level,
+            num_steps=args.steps,
+            guidance=args.cfg,
+            resolution=args.resolution,
+            batch_size=args.batch_size,
+            rewards=rewards,
+            encoders=encoders,
+            device=device,
+            dtype=dtype,
+        )
         made.append(eval_dir)
         print(f"  wrote {eval_dir}/metrics.json and metrics.csv")
     print("compare: pec compare " + " ".join(str(d) for d in made))
@@ -70,12 +84,16 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from .compare import run_compare
 
     paths = run_compare(
-        args.runs, args.out, names=_names(args.names) if args.names else None,
+        args.runs,
+        args.out,
+        names=_names(args.names) if args.names else None,
         quality=_names(args.quality) if args.quality else None,
         diversity=_names(args.diversity) if args.diversity else None,
-        grid_prompts=args.grid_prompts, grid_seeds=args.grid_seeds, encoder=args.encoder,
+        grid_prompts=args.grid_prompts,
+        grid_seeds=args.grid_seeds,
+        encoder=args.encoder,
         prompt_idx=args.prompt_index,
-    )  # fmt: skip
+    )
     print(paths["markdown"].read_text(encoding="utf-8"))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
@@ -97,12 +115,19 @@ def add_cli(subparsers) -> None:
     )
     p.add_argument("--model", help="diffusers pipeline directory or hub id (default: the embedded tiny model)")
     p.add_argument("--family", choices=["sd3", "flux"], help="model family, needed for hub ids")
-    p.add_argument("--lora", nargs="+", metavar="FILE",
-                   help="LoRA .safetensors files; each is evaluated on its own (own eval directory)")
+    p.add_argument(
+        "--lora",
+        nargs="+",
+        metavar="FILE",
+        help="LoRA .safetensors files; each is evaluated on its own (own eval directory)",
+    )
     p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
     p.add_argument("--base", action="store_true", help="also evaluate the model without LoRA (implied without --lora)")
-    p.add_argument("--prompts", help="prompt preset (toy-heldout, toy-train, ...) or text file, one prompt per "
-                   "line (default for the embedded model: toy-heldout)")
+    p.add_argument(
+        "--prompts",
+        help="prompt preset (toy-heldout, toy-train, ...) or text file, one prompt per "
+        "line (default for the embedded model: toy-heldout)",
+    )
     p.add_argument("--max-prompts", type=int, help="use only the first N prompts")
     p.add_argument("--per-prompt", type=int, default=30, help="images per prompt (default 30, as the paper)")
     p.add_argument("--seed-base", type=int, default=1000, help="seed of image 0 of every prompt (default 1000)")
@@ -111,15 +136,28 @@ def add_cli(subparsers) -> None:
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's eval steps)")
     p.add_argument("--cfg", type=float, help="guidance scale (default: the model's)")
     p.add_argument("--resolution", type=int, help="image side in pixels (default: the model's)")
-    p.add_argument("--batch-size", type=_batch_size, default="auto",
-                   help="images per batch, or auto (default: 32 on CPU; on CUDA 64, halved on out-of-memory)")
-    p.add_argument("--rewards", help="comma-separated reward names, or none (default: the toy rewards on the "
-                   "embedded model, every registered non-toy reward otherwise)")
-    p.add_argument("--encoders", help="comma-separated perceptual encoders NAME or NAME=WEIGHTS, or none "
-                   "(default: toy on the embedded model, every registered non-toy encoder otherwise)")
+    p.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default="auto",
+        help="images per batch, or auto (default: 32 on CPU; on CUDA 64, halved on out-of-memory)",
+    )
+    p.add_argument(
+        "--rewards",
+        help="comma-separated reward names, or none (default: the toy rewards on the "
+        "embedded model, every registered non-toy reward otherwise)",
+    )
+    p.add_argument(
+        "--encoders",
+        help="comma-separated perceptual encoders NAME or NAME=WEIGHTS, or none "
+        "(default: toy on the embedded model, every registered non-toy encoder otherwise)",
+    )
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="model dtype (default: bfloat16 for real models on CUDA, else float32)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="model dtype (default: bfloat16 for real models on CUDA, else float32)",
+    )
     p.add_argument("--out", default="evals", help="folder of eval directories (default: evals)")
     p.add_argument("--name", help="eval directory name (default: <model>[+<lora>]-<hash of model, LoRA, sampler>)")
     p.set_defaults(func=_cmd_eval)
@@ -132,8 +170,12 @@ def add_cli(subparsers) -> None:
         "normalised across the compared methods, as in the paper), a quality-vs-diversity scatter, "
         "side-by-side sample grids and per-method similarity-matrix heatmaps.",
     )
-    p.add_argument("runs", nargs="+", metavar="RUN",
-                   help="an eval directory, or a folder of them (a `pec eval --out` folder, a run with eval/)")
+    p.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN",
+        help="an eval directory, or a folder of them (a `pec eval --out` folder, a run with eval/)",
+    )
     p.add_argument("--names", help="comma-separated method names, in order (default: each eval's label)")
     p.add_argument("--out", default="comparison", help="output folder (default: comparison)")
     p.add_argument("--quality", help="comma-separated quality columns (default: the rewards every eval has)")

@@ -28,9 +28,9 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ CONTENT_HASH_LIMIT = 1 << 30
 AUTO_BATCH = {"cpu": 32, "cuda": 64}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-Lora = tuple[Union[str, Path], float]
+Lora = tuple[str | Path, float]
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class SamplerSettings:
 # ---------------------------------------------------------------------------------------------------
 
 
-def file_sha256(path: Union[str, Path]) -> str:
+def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -81,7 +81,7 @@ def file_sha256(path: Union[str, Path]) -> str:
     return digest.hexdigest()
 
 
-def model_fingerprint(model: Optional[str]) -> dict:
+def model_fingerprint(model: str | None) -> dict:
     """``{"source", "fingerprint"}`` of a model: a local directory by the sha256 of its files (by their
     names, sizes and mtimes above :data:`CONTENT_HASH_LIMIT`), a hub id by its name.
 
@@ -102,13 +102,13 @@ def model_fingerprint(model: Optional[str]) -> dict:
     return {"source": str(path.resolve()), "fingerprint": f"{kind}:{digest.hexdigest()}"}
 
 
-def lora_label(path: Union[str, Path]) -> str:
+def lora_label(path: str | Path) -> str:
     """A short name for a LoRA file: its stem, or its run directory's name for the trainer's ``lora.safetensors``."""
     path = Path(path)
     return path.parent.resolve().name if path.stem == "lora" else path.stem
 
 
-def eval_identity(model: Optional[str], loras: Sequence[Lora], sampler: SamplerSettings) -> dict:
+def eval_identity(model: str | None, loras: Sequence[Lora], sampler: SamplerSettings) -> dict:
     """What makes two evaluations' images interchangeable (paths are recorded but not compared)."""
     return {
         "model": model_fingerprint(model),
@@ -129,7 +129,7 @@ def identity_hash(identity: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def default_eval_name(model: Optional[str], identity: dict) -> str:
+def default_eval_name(model: str | None, identity: dict) -> str:
     """``<model>[+<lora>...]-<hash8>``, e.g. ``embedded+pec-1a2b3c4d``."""
     base = "embedded" if model is None else Path(str(model).rstrip("/")).name
     parts = [base] + [lo["label"] + ("" if lo["scale"] == 1.0 else f"@{lo['scale']:g}") for lo in identity["loras"]]
@@ -147,7 +147,7 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def read_manifest(eval_dir: Union[str, Path]) -> Optional[dict]:
+def read_manifest(eval_dir: str | Path) -> dict | None:
     path = Path(eval_dir) / "manifest.json"
     if not path.is_file():
         return None
@@ -174,8 +174,16 @@ def load_images(files: Sequence[Path]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
 
 
-def _sample_missing(backend, manifest: dict, eval_dir: Path, missing: list[tuple[int, str, int]],
-                    sampler: SamplerSettings, batch_size: Union[int, str], total: int, progress: bool) -> None:
+def _sample_missing(
+    backend,
+    manifest: dict,
+    eval_dir: Path,
+    missing: list[tuple[int, str, int]],
+    sampler: SamplerSettings,
+    batch_size: int | str,
+    total: int,
+    progress: bool,
+) -> None:
     """Draw ``missing`` (prompt_idx, prompt, seed) images, saving PNGs and the manifest after each batch.
 
     ``batch_size="auto"``: :data:`AUTO_BATCH` for the device, halved on CUDA out-of-memory (safe: an
@@ -190,11 +198,17 @@ def _sample_missing(backend, manifest: dict, eval_dir: Path, missing: list[tuple
         chunk = missing[pos : pos + size]
         try:
             images = sample_images(
-                backend, [p for _, p, _ in chunk], [s for _, _, s in chunk], num_steps=sampler.num_steps,
-                guidance_scale=sampler.guidance_scale, resolution=sampler.resolution,
-                sde="flow_sde" if sampler.sde == "ode" else sampler.sde, noise_level=sampler.noise_level,
-                batch_size=size, progress=False,
-            )  # fmt: skip
+                backend,
+                [p for _, p, _ in chunk],
+                [s for _, _, s in chunk],
+                num_steps=sampler.num_steps,
+                guidance_scale=sampler.guidance_scale,
+                resolution=sampler.resolution,
+                sde="flow_sde" if sampler.sde == "ode" else sampler.sde,
+                noise_level=sampler.noise_level,
+                batch_size=size,
+                progress=False,
+            )
         except torch.cuda.OutOfMemoryError:
             if not auto or size == 1:
                 raise PECError(f"out of GPU memory at batch size {size}; pass a smaller --batch-size") from None
@@ -217,13 +231,13 @@ def _sample_missing(backend, manifest: dict, eval_dir: Path, missing: list[tuple
 # ---------------------------------------------------------------------------------------------------
 
 
-def parse_encoder_spec(spec: str) -> tuple[str, Optional[str]]:
+def parse_encoder_spec(spec: str) -> tuple[str, str | None]:
     """``"toy"`` or ``"toy=/path/weights.safetensors"`` → (name, path or None)."""
     name, _, path = spec.partition("=")
     return name.strip(), (path.strip() or None)
 
 
-def default_metrics(model: Optional[str]) -> tuple[list[str], list[str]]:
+def default_metrics(model: str | None) -> tuple[list[str], list[str]]:
     """(rewards, encoders) measured when none are named: the toy ones on the embedded model, every
     registered non-toy one on any other model (the toy world's measures mean nothing on real images)."""
     toy = model is None or Path(model).resolve() == Path(EMBEDDED_MODEL).resolve()
@@ -256,8 +270,14 @@ def check_metrics(rewards: Sequence[str], encoders: Sequence[str]) -> None:
 
 @torch.no_grad()
 def measure(
-    files: list[list[Path]], prompts: Sequence[str], rewards: Sequence[str], encoders: Sequence[str], *,
-    device="cpu", batch_size: int = 32, progress: bool = True,
+    files: list[list[Path]],
+    prompts: Sequence[str],
+    rewards: Sequence[str],
+    encoders: Sequence[str],
+    *,
+    device="cpu",
+    batch_size: int = 32,
+    progress: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Per-prompt metrics of saved images.
 
@@ -312,8 +332,16 @@ def write_metrics(eval_dir: Path, summary: dict) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def resolve_sampler(defaults: dict, *, sde: str, noise_level: Optional[float], num_steps: Optional[int],
-                    guidance: Optional[float], resolution: Optional[int], dtype: str) -> SamplerSettings:
+def resolve_sampler(
+    defaults: dict,
+    *,
+    sde: str,
+    noise_level: float | None,
+    num_steps: int | None,
+    guidance: float | None,
+    resolution: int | None,
+    dtype: str,
+) -> SamplerSettings:
     """Unset values from the model's ``defaults`` (as :func:`trainer.sampling.sample_images` would)."""
     if sde not in ("ode", "flow_sde", "cps"):
         raise PECError(f"unknown sampler {sde!r}; expected ode, flow_sde or cps")
@@ -329,21 +357,21 @@ def resolve_sampler(defaults: dict, *, sde: str, noise_level: Optional[float], n
 
 
 def run_eval(
-    model: Optional[str],
+    model: str | None,
     loras: Sequence[Lora],
     prompts: Sequence[str],
     per_prompt: int,
-    out_dir: Union[str, Path],
+    out_dir: str | Path,
     *,
-    name: Optional[str] = None,
-    family: Optional[str] = None,
+    name: str | None = None,
+    family: str | None = None,
     seed_base: int = 1000,
     sde: str = "ode",
-    noise_level: Optional[float] = None,
-    num_steps: Optional[int] = None,
-    guidance: Optional[float] = None,
-    resolution: Optional[int] = None,
-    batch_size: Union[int, str] = "auto",
+    noise_level: float | None = None,
+    num_steps: int | None = None,
+    guidance: float | None = None,
+    resolution: int | None = None,
+    batch_size: int | str = "auto",
     rewards: Sequence[str] = (),
     encoders: Sequence[str] = ("toy",),
     device: str = "cpu",
@@ -379,14 +407,23 @@ def run_eval(
             raise PECError(f"LoRA file not found: {path}")
 
     backend = load_backend(model, family=family, device=device, dtype=DTYPES[dtype])
-    sampler = resolve_sampler(backend.defaults, sde=sde, noise_level=noise_level, num_steps=num_steps,
-                              guidance=guidance, resolution=resolution, dtype=dtype)
+    sampler = resolve_sampler(
+        backend.defaults,
+        sde=sde,
+        noise_level=noise_level,
+        num_steps=num_steps,
+        guidance=guidance,
+        resolution=resolution,
+        dtype=dtype,
+    )
     identity = eval_identity(model, loras, sampler)
     eval_dir = Path(out_dir) / (name or default_eval_name(model, identity))
     manifest = read_manifest(eval_dir)
     if manifest is not None and manifest.get("identity_hash") != identity_hash(identity):
-        raise PECError(f"{eval_dir} holds an evaluation of another model, LoRA or sampler setting; "
-                       "choose another name or delete it")
+        raise PECError(
+            f"{eval_dir} holds an evaluation of another model, LoRA or sampler setting; "
+            "choose another name or delete it"
+        )
     seeds = [seed_base + j for j in range(per_prompt)]
     manifest = {
         "version": MANIFEST_VERSION,
@@ -420,8 +457,9 @@ def run_eval(
     start = time.perf_counter()
     files = [[eval_dir / "images" / image_name(i, s) for s in seeds] for i in range(len(prompts))]
     metric_batch = AUTO_BATCH["cpu"] if batch_size == "auto" else batch_size
-    metrics, features = measure(files, prompts, rewards, encoders, device=device, batch_size=metric_batch,
-                                progress=progress)
+    metrics, features = measure(
+        files, prompts, rewards, encoders, device=device, batch_size=metric_batch, progress=progress
+    )
     features_file = eval_dir / "features.safetensors"
     if features:
         from safetensors.torch import save_file
@@ -442,8 +480,12 @@ def run_eval(
             {"prompt_idx": i, "prompt": p, **{k: float(v[i]) for k, v in metrics.items()}}
             for i, p in enumerate(prompts)
         ],
-        "timing_s": {"sampling": round(sampling_s, 2), "metrics": round(time.perf_counter() - start, 2),
-                     "images_sampled": len(missing), "images_reused": len(jobs) - len(missing)},
+        "timing_s": {
+            "sampling": round(sampling_s, 2),
+            "metrics": round(time.perf_counter() - start, 2),
+            "images_sampled": len(missing),
+            "images_reused": len(jobs) - len(missing),
+        },
     }
     write_metrics(eval_dir, summary)
     return eval_dir

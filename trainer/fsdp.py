@@ -89,11 +89,15 @@ def _shard_by_hand(transformer: torch.nn.Module, plugin) -> torch.nn.Module:
 
     plugin.set_auto_wrap_policy(transformer)  # the block class names → transformer_auto_wrap_policy
     root = FSDP(
-        transformer, sharding_strategy=plugin.sharding_strategy or plugin.reshard_after_forward,
-        auto_wrap_policy=plugin.auto_wrap_policy, mixed_precision=plugin.mixed_precision_policy,
-        use_orig_params=plugin.use_orig_params, sync_module_states=plugin.sync_module_states,
-        limit_all_gathers=plugin.limit_all_gathers, device_id=torch.device("cpu"),
-    )  # fmt: skip
+        transformer,
+        sharding_strategy=plugin.sharding_strategy or plugin.reshard_after_forward,
+        auto_wrap_policy=plugin.auto_wrap_policy,
+        mixed_precision=plugin.mixed_precision_policy,
+        use_orig_params=plugin.use_orig_params,
+        sync_module_states=plugin.sync_module_states,
+        limit_all_gathers=plugin.limit_all_gathers,
+        device_id=torch.device("cpu"),
+    )
     if plugin.activation_checkpointing:
         wrapper = functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
         apply_activation_checkpointing(root, checkpoint_wrapper_fn=wrapper, auto_wrap_policy=plugin.auto_wrap_policy)
@@ -112,7 +116,9 @@ def full_lora_state(root: torch.nn.Module, transformer: torch.nn.Module) -> dict
     from torch.distributed.fsdp import FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    with FSDP.state_dict_type(root, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
+    with FSDP.state_dict_type(
+        root, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+    ):
         full = root.state_dict()
     if not full:
         return {}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 def image_grid(
     images: torch.Tensor,
     ncols: int,
-    row_labels: Optional[Sequence[str]] = None,
+    row_labels: Sequence[str] | None = None,
     upscale: int = 1,
 ) -> Image.Image:
     """Tile ``images`` ``[N, 3, H, W]`` (row-major) into a grid of ``ncols`` columns.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -25,7 +24,7 @@ class Advantages:
     values: torch.Tensor
     dropped: torch.Tensor
     degenerate: torch.Tensor
-    kept: Optional[torch.Tensor] = None
+    kept: torch.Tensor | None = None
 
     @property
     def trained(self) -> torch.Tensor:
@@ -41,7 +40,7 @@ def group_advantages(
     std_mode: str = "group",
     clip: float = 5.0,
     eps: float = 1e-4,
-    keep: Optional[torch.Tensor] = None,
+    keep: torch.Tensor | None = None,
 ) -> Advantages:
     """``A = (r - mean_group) / (std + 1e-4)``, clipped to ``±clip``.
 

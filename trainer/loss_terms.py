@@ -7,7 +7,7 @@ B transitions (samples whose group is trained), their log-probabilities under θ
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -8,8 +8,8 @@ entropy ``h_A`` and, in latent space, ``e_VAE`` (for PCVAE's gain).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
@@ -54,7 +54,7 @@ def measure_steps(
     means: torch.Tensor,
     stds: torch.Tensor,
     chunk_size: int = 32,
-    targets: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    targets: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> PerceptualStats:
     """Energies and perceptual entropy of T stochastic steps of N rollouts.
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Union
 
 from comfy_pec import PECError
 
@@ -26,7 +26,7 @@ PRESETS: dict[str, Callable[[], list[str]]] = {
 }
 
 
-def resolve_prompts(spec: Union[str, list[str]]) -> list[str]:
+def resolve_prompts(spec: str | list[str]) -> list[str]:
     """A preset name, a text file (one prompt per line, ``#`` comments), or a list → list of prompts."""
     if isinstance(spec, list):
         prompts = [p.strip() for p in spec if p and p.strip()]

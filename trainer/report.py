@@ -7,8 +7,8 @@ flat while the perceptual entropy and the Vendi score of the samples fall.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -127,8 +127,8 @@ def write_report(
         f"File: `{lora}` (scale baked in: use strength 1.0).",
         "",
         "- ComfyUI: copy it to `models/loras/` and load it with *LoraLoaderModelOnly* (or the PEC LoRA Loader).",
-        "- diffusers: `pipe.load_lora_weights(\"" + str(lora) + "\")`.",
-        f"- PEC: `pec sample --lora {lora} --prompt \"{prompts[0]}\"`.",
+        '- diffusers: `pipe.load_lora_weights("' + str(lora) + '")`.',
+        f'- PEC: `pec sample --lora {lora} --prompt "{prompts[0]}"`.',
         "",
     ]
     path = run_dir / "report.md"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from comfy_pec import PECError
 
@@ -35,7 +35,7 @@ class RunLog:
         self.writer = self._tensorboard(Path(run_dir) / "tensorboard", tensorboard)
 
     @staticmethod
-    def _tensorboard(folder: Path, mode: str) -> Optional[Any]:
+    def _tensorboard(folder: Path, mode: str) -> Any | None:
         if mode == "off":
             return None
         try:

@@ -8,8 +8,8 @@ next latent, the step mean μ_old, its std and log p_old.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -20,8 +20,8 @@ from comfy_pec.sde import cps_step, flow_sde_step, gaussian_log_prob, ode_step
 from .backends.base import Backend, PromptEmbeds
 
 SDE_STEPS = {"flow_sde": flow_sde_step, "cps": cps_step}
-Generators = Union[torch.Generator, Sequence[torch.Generator], None]
-NoiseLevel = Union[float, torch.Tensor]
+Generators = torch.Generator | Sequence[torch.Generator] | None
+NoiseLevel = float | torch.Tensor
 
 
 @dataclass
@@ -45,7 +45,7 @@ class StepRecord:
     mean: torch.Tensor
     std: torch.Tensor
     log_prob: torch.Tensor
-    next_x0: Optional[torch.Tensor] = None
+    next_x0: torch.Tensor | None = None
 
 
 def step_noise_level(noise_level: NoiseLevel, index: int) -> float:
@@ -75,10 +75,10 @@ def denoise(
     sigmas: torch.Tensor,
     *,
     guidance_scale: float = 1.0,
-    uncond: Optional[PromptEmbeds] = None,
+    uncond: PromptEmbeds | None = None,
     sde: str = "flow_sde",
     noise_level: NoiseLevel = 0.0,
-    stochastic: Optional[torch.Tensor] = None,
+    stochastic: torch.Tensor | None = None,
     generators: Generators = None,
     log_prob_reduction: str = "mean",
     record: bool = False,
@@ -130,9 +130,9 @@ def sample_images(
     prompts: Sequence[str],
     seeds: Sequence[int],
     *,
-    num_steps: Optional[int] = None,
-    guidance_scale: Optional[float] = None,
-    resolution: Optional[int] = None,
+    num_steps: int | None = None,
+    guidance_scale: float | None = None,
+    resolution: int | None = None,
     sde: str = "flow_sde",
     noise_level: float = 0.0,
     batch_size: int = 16,
@@ -163,8 +163,16 @@ def sample_images(
         x = seeded_noise((len(gens), *shape), gens, backend.device)
         cond = backend.encode_prompts(batch_prompts)
         latents, _ = denoise(
-            backend, x, cond, sigmas, guidance_scale=guidance_scale, sde=sde, noise_level=noise_level,
-            stochastic=stochastic, generators=gens, progress=progress and len(starts) == 1,
-        )  # fmt: skip
+            backend,
+            x,
+            cond,
+            sigmas,
+            guidance_scale=guidance_scale,
+            sde=sde,
+            noise_level=noise_level,
+            stochastic=stochastic,
+            generators=gens,
+            progress=progress and len(starts) == 1,
+        )
         out.append(backend.decode(latents).cpu())
     return torch.cat(out)

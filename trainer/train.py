@@ -26,7 +26,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -35,20 +35,31 @@ from comfy_pec import PECError, __version__
 from comfy_pec.diversity import pcvae_gain, pcvae_penalty, pec_bonus, vendi_score
 from comfy_pec.lora_format import save_lora
 from comfy_pec.sde import (
-    MergedStep, egrpo_merge_steps, egrpo_schedule, flow_sde_stds, gaussian_kl, gaussian_log_prob, sample_window_start,
-    step_entropy, stochastic_steps,
-)  # fmt: skip
+    MergedStep,
+    egrpo_merge_steps,
+    egrpo_schedule,
+    flow_sde_stds,
+    gaussian_kl,
+    gaussian_log_prob,
+    sample_window_start,
+    step_entropy,
+    stochastic_steps,
+)
 
 from .backends import Backend, PromptEmbeds, load_backend
 from .checkpoint import latest_checkpoint, load_state, save_checkpoint
 from .config import Config, ConfigError, save_config
 from .distributed import SINGLE_PROCESS, LocalAdvantages, Parallel, plan_layout
-from .fsdp import full_lora_state, full_optimizer_state, load_optimizer_state, lora_parameters, shard_transformer
 from .drift import PromptNoise, drift_diversity_shaping, prompt_noise_std, reward_concentrated_subset
+from .fsdp import full_lora_state, full_optimizer_state, load_optimizer_state, lora_parameters, shard_transformer
 from .grpo import Advantages, clipped_surrogate, group_advantages
 from .loss_terms import (
-    clip_cov_detach, kl_cov_penalty, native_entropy_bonus, perceptual_entropy_bonus, top_covariance_mask,
-)  # fmt: skip
+    clip_cov_detach,
+    kl_cov_penalty,
+    native_entropy_bonus,
+    perceptual_entropy_bonus,
+    top_covariance_mask,
+)
 from .perceptual import PerceptualStats, embed_latents, measure_steps
 from .prompts import resolve_prompts
 from .rewards import build_reward
@@ -147,8 +158,8 @@ def rollout(
     guidance: float,
     noise_level: NoiseLevel,
     resolution: int,
-    init_seeds: Optional[torch.Tensor] = None,
-    prompt_noise: Optional[PromptNoise] = None,
+    init_seeds: torch.Tensor | None = None,
+    prompt_noise: PromptNoise | None = None,
 ) -> Rollout:
     """Sample ``prompts`` (one entry per sample) in micro-batches, recording the trained steps.
 
@@ -163,15 +174,27 @@ def rollout(
     for start in range(0, len(prompts), batch):
         part = prompts[start : start + batch]
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds[start : start + batch]]
-        init_gens = gens if init_seeds is None else [torch.Generator().manual_seed(int(s)) for s in init_seeds[start : start + batch]]
+        init_gens = (
+            gens
+            if init_seeds is None
+            else [torch.Generator().manual_seed(int(s)) for s in init_seeds[start : start + batch]]
+        )
         cond = backend.encode_prompts(part)
         if prompt_noise is not None:
             cond = prompt_noise(cond, slice(start, start + batch))
         final, recs = denoise(
-            backend, seeded_noise((len(part), *shape), init_gens, backend.device), cond, sigmas,
-            guidance_scale=guidance, sde=config.sampling.sde, noise_level=noise_level, stochastic=stochastic,
-            generators=gens, log_prob_reduction=config.train.log_prob_reduction, record=True,
-        )  # fmt: skip
+            backend,
+            seeded_noise((len(part), *shape), init_gens, backend.device),
+            cond,
+            sigmas,
+            guidance_scale=guidance,
+            sde=config.sampling.sde,
+            noise_level=noise_level,
+            stochastic=stochastic,
+            generators=gens,
+            log_prob_reduction=config.train.log_prob_reduction,
+            record=True,
+        )
         records.append(recs)
         conds.append(cond)
         images.append(backend.decode(final).cpu())
@@ -191,7 +214,9 @@ def rollout(
 
 
 @torch.no_grad()
-def perceive(backend: Backend, encoder, ro: Rollout, config: Config, sigmas: torch.Tensor, guidance: float) -> PerceptualStats:
+def perceive(
+    backend: Backend, encoder, ro: Rollout, config: Config, sigmas: torch.Tensor, guidance: float
+) -> PerceptualStats:
     """DESIGN §5 on the rollout buffer; ``pec.decode: x0`` decodes clean predictions instead of x', μ_old."""
     targets = None
     if config.pec.decode == "x0":
@@ -214,7 +239,7 @@ def shaped_rewards(
     rewards: torch.Tensor,
     stats: PerceptualStats,
     config: Config,
-    calibration: Optional[torch.Tensor],
+    calibration: torch.Tensor | None,
     steps: list[int],
     features: torch.Tensor,
 ) -> torch.Tensor:
@@ -247,7 +272,7 @@ def update(
     guidance: float,
     noise_level: NoiseLevel,
     encoder=None,
-    perceptual: Optional[PerceptualStats] = None,
+    perceptual: PerceptualStats | None = None,
     parallel: Parallel = SINGLE_PROCESS,
 ) -> dict[str, float]:
     """Policy-gradient update on the stored steps; one optimizer step per micro-batch.
@@ -291,7 +316,9 @@ def update(
                 log_prob = gaussian_log_prob(ro.next_latents[sl, j], res.mean, res.std, t.log_prob_reduction)[mask]
                 selected = None
                 if t.cov.kind != "none":
-                    ranked = log_prob if t.cov.space == "native" else -perceptual.entropy[sl, j].to(backend.device)[mask]
+                    ranked = (
+                        log_prob if t.cov.space == "native" else -perceptual.entropy[sl, j].to(backend.device)[mask]
+                    )
                     selected = top_covariance_mask(ranked, a, t.cov.fraction)
                     if t.cov.kind == "clip_cov":
                         log_prob = clip_cov_detach(log_prob, selected)
@@ -300,7 +327,9 @@ def update(
                 if t.kl_beta > 0:
                     with torch.no_grad(), lora_disabled(backend):
                         v_ref = backend.velocity(x, sigma, cond, guidance, uncond)
-                        mean_ref = step_fn(x, v_ref, sigma, sigma_next, level, noise=torch.zeros_like(x), sigma_1=sigma_1).mean
+                        mean_ref = step_fn(
+                            x, v_ref, sigma, sigma_next, level, noise=torch.zeros_like(x), sigma_1=sigma_1
+                        ).mean
                     kl = gaussian_kl(res.mean, mean_ref, res.scale if t.kl_flow_grpo_compat else res.std)[mask].mean()
                     loss = loss + t.kl_beta * kl
                     stats["kl"] = kl.detach()
@@ -312,11 +341,13 @@ def update(
                     loss = loss + t.cov.kl_beta * penalty
                     stats["kl_cov"] = penalty.detach()
                 if t.entropy_reg.kind != "none":
-                    bonus = entropy_bonus(backend, encoder, config, ro.next_latents[sl, j][mask], res.mean[mask], res.std)
+                    bonus = entropy_bonus(
+                        backend, encoder, config, ro.next_latents[sl, j][mask], res.mean[mask], res.std
+                    )
                     loss = loss - t.entropy_reg.beta * bonus
                     stats["entropy_reg"] = bonus.detach()
                 (loss * share / len(ro.steps)).backward()
-                for key, value in (stats.items() if share else ()):
+                for key, value in stats.items() if share else ():
                     step_stats.setdefault(key, []).append(float(value))
             parallel.average_gradients(params)
             grad_norms.append(float(parallel.clip_grad_norm(params, t.grad_clip)))
@@ -346,7 +377,7 @@ def group_vendi(features: torch.Tensor, group_size: int) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def group_initial_seeds(seeds: torch.Tensor, group_size: int, shared: bool) -> Optional[torch.Tensor]:
+def group_initial_seeds(seeds: torch.Tensor, group_size: int, shared: bool) -> torch.Tensor | None:
     """Seeds of the initial noise ``[N]`` when a group shares it (each group's first seed, repeated), else
     ``None`` (every sample starts from its own seed). E-GRPO shares it so a group shares its ODE prefix up
     to the merged jump; ``sampling.shared_init_noise`` (DanceGRPO) so the in-group reward spread comes
@@ -365,9 +396,7 @@ def _ema_update(ema: dict[str, torch.Tensor], current: dict[str, torch.Tensor], 
         ema[key].mul_(decay).add_(value.cpu(), alpha=1.0 - decay)
 
 
-def train(
-    config: Config, resume: bool = True, progress: Optional[bool] = None, backend: Optional[Backend] = None
-) -> Path:
+def train(config: Config, resume: bool = True, progress: bool | None = None, backend: Backend | None = None) -> Path:
     """Run (or resume) GRPO training; returns the run directory.
 
     ``resume=True`` continues from the newest complete checkpoint in ``config.run.dir`` when there is
@@ -392,11 +421,18 @@ def train(
     # -- model, adapter, optimizer ----------------------------------------------------------------
     m = config.model
     backend = backend or load_backend(
-        m.path, family=m.family, base=m.base, revision=m.revision, dtype=getattr(torch, m.dtype),
-        device=parallel.model_device(m.device), use_t5=m.use_t5, max_sequence_length=m.max_sequence_length,
-        prompt_cache=m.prompt_cache, offload_text_encoders=m.offload_text_encoders,
+        m.path,
+        family=m.family,
+        base=m.base,
+        revision=m.revision,
+        dtype=getattr(torch, m.dtype),
+        device=parallel.model_device(m.device),
+        use_t5=m.use_t5,
+        max_sequence_length=m.max_sequence_length,
+        prompt_cache=m.prompt_cache,
+        offload_text_encoders=m.offload_text_encoders,
         gradient_checkpointing=m.gradient_checkpointing,
-    )  # fmt: skip
+    )
     torch.manual_seed(t.seed)  # PEFT draws lora_A's init from the global generator
     params = add_lora(backend, config)
     found = latest_checkpoint(run_dir) if resume else None
@@ -416,7 +452,9 @@ def train(
 
     def current_lora() -> dict[str, torch.Tensor]:
         """{PEFT key: tensor} on the CPU (under FSDP gathered on rank 0, empty elsewhere; all ranks call it)."""
-        return lora_state(backend) if parallel.sharded is None else full_lora_state(parallel.sharded, backend.transformer)
+        return (
+            lora_state(backend) if parallel.sharded is None else full_lora_state(parallel.sharded, backend.transformer)
+        )
 
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
     ema = current_lora() if t.ema.enabled else None
@@ -454,30 +492,45 @@ def train(
         log = RunLog(run_dir, start, config.run.tensorboard)
     nan_streak = 0  # iterations in a row with a NaN reward (restarts at 0 on resume)
 
-    def export(path: Path, iteration: int, extra: Optional[dict] = None, lora: Optional[dict] = None) -> None:
+    def export(path: Path, iteration: int, extra: dict | None = None, lora: dict | None = None) -> None:
         """``lora``: the gathered LoRA under FSDP (the sharded transformer cannot be read directly)."""
         source: Any = ema if ema is not None else (backend.transformer if lora is None else lora)
         save_lora(
-            source, path, alpha=None if source is backend.transformer else config.lora.alpha, dtype=torch.float32,
-            architecture=backend.architecture, base_model=config.model.path or "pec-embedded-toy",
-            title=f"PEC {config.pec.method} LoRA", resolution=resolution,
+            source,
+            path,
+            alpha=None if source is backend.transformer else config.lora.alpha,
+            dtype=torch.float32,
+            architecture=backend.architecture,
+            base_model=config.model.path or "pec-embedded-toy",
+            title=f"PEC {config.pec.method} LoRA",
+            resolution=resolution,
             provenance={
                 "method": config.pec.method if config.pec.method != "none" else "flow-grpo",
-                "beta": config.pec.beta, "encoder": config.pec.encoder,
-                "rewards": {r.name: r.weight for r in config.rewards}, "noise_level": noise_level,
-                "group_size": t.group_size, "global_step": iteration + 1, "config_hash": config.fingerprint(),
-                "base_model_revision": config.model.revision or "", **(extra or {}),
+                "beta": config.pec.beta,
+                "encoder": config.pec.encoder,
+                "rewards": {r.name: r.weight for r in config.rewards},
+                "noise_level": noise_level,
+                "group_size": t.group_size,
+                "global_step": iteration + 1,
+                "config_hash": config.fingerprint(),
+                "base_model_revision": config.model.revision or "",
+                **(extra or {}),
             },
-        )  # fmt: skip
+        )
 
-    def checkpoint(iteration: int) -> Optional[Path]:
+    def checkpoint(iteration: int) -> Path | None:
         """Every rank calls it (FSDP gathers); rank 0 writes."""
         lora, sharded = current_lora(), parallel.sharded
         state = {
-            "iteration": iteration, "fingerprint": config.fingerprint(), "lora": lora,
+            "iteration": iteration,
+            "fingerprint": config.fingerprint(),
+            "lora": lora,
             "optimizer": optimizer.state_dict() if sharded is None else full_optimizer_state(sharded, optimizer),
-            "ema": ema, "calibration": calibration, "torch_rng": torch.get_rng_state(), "version": __version__,
-        }  # fmt: skip
+            "ema": ema,
+            "calibration": calibration,
+            "torch_rng": torch.get_rng_state(),
+            "version": __version__,
+        }
         if not parallel.is_main:
             return None
         exported = None if sharded is None else lora
@@ -506,9 +559,18 @@ def train(
             prompt_noise = dataclasses.replace(prompt_noise, seeds=layout.mine(prompt_noise.seeds))
 
         ro = rollout(
-            backend, batch_prompts, config, it_sigmas, stochastic, seeds, guidance, it_noise, resolution, init_seeds,
+            backend,
+            batch_prompts,
+            config,
+            it_sigmas,
+            stochastic,
+            seeds,
+            guidance,
+            it_noise,
+            resolution,
+            init_seeds,
             prompt_noise,
-        )  # fmt: skip
+        )
         times["time_rollout"], clock = time.perf_counter() - clock, time.perf_counter()
         rewards, parts = reward_fn(ro.images, ro.prompts)
         rewards, parts = parallel.gather(rewards, layout), {k: parallel.gather(v, layout) for k, v in parts.items()}
@@ -521,22 +583,38 @@ def train(
             features = embed_latents(lambda x: x, encoder, ro.images.to(backend.device), config.pec.chunk_size).cpu()
             features = parallel.gather(features, layout)
             perceptual_log = {
-                "perceptual_entropy": float(stats.entropy.reshape(-1, t.group_size, stats.entropy.shape[1]).mean(1).mean()),
+                "perceptual_entropy": float(
+                    stats.entropy.reshape(-1, t.group_size, stats.entropy.shape[1]).mean(1).mean()
+                ),
                 "perceptual_energy": float(stats.energy.mean()),
                 "vendi": group_vendi(features, t.group_size),
             }
         times["time_perceptual"], clock = time.perf_counter() - clock, time.perf_counter()
 
         shaped = shaped_rewards(rewards, stats, config, calibration, ro.steps, features)
-        keep = reward_concentrated_subset(rewards, t.group_size, config.drift.subset_threshold) if config.drift.subset else None
+        keep = (
+            reward_concentrated_subset(rewards, t.group_size, config.drift.subset_threshold)
+            if config.drift.subset
+            else None
+        )
         adv = group_advantages(shaped, t.group_size, t.adv_std, t.adv_clip, keep=keep)
         nan_streak = nan_streak + 1 if bool(adv.dropped.any()) else 0
         upd = {}
         if bool(adv.trained.any()):
             upd = update(
-                backend, optimizer, params, ro, layout.local_advantages(adv), config, it_sigmas, guidance, it_noise,
-                encoder, local_stats, parallel,
-            )  # fmt: skip
+                backend,
+                optimizer,
+                params,
+                ro,
+                layout.local_advantages(adv),
+                config,
+                it_sigmas,
+                guidance,
+                it_noise,
+                encoder,
+                local_stats,
+                parallel,
+            )
             if ema is not None:
                 _ema_update(ema, current_lora(), t.ema.decay)
         times["time_update"] = time.perf_counter() - clock
@@ -562,7 +640,9 @@ def train(
         }
         if log is not None:
             log.write(row)
-        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", vendi=f"{row.get('vendi', float('nan')):.2f}", refresh=False)
+        bar.set_postfix(
+            reward=f"{row['reward_mean']:.3f}", vendi=f"{row.get('vendi', float('nan')):.2f}", refresh=False
+        )
 
         last = it == t.iterations - 1
         if nan_streak >= t.nan_patience:
@@ -599,10 +679,12 @@ def _window(config: Config, num_steps: int, iteration: int, gen: torch.Generator
     if w.rule == "window":
         start = sample_window_start(w.start_min, w.start_max, gen)
         return stochastic_steps("window", num_steps, size=w.size, start=start)
-    return stochastic_steps(w.rule, num_steps, size=w.size, iteration=iteration, shift_every=w.shift_every, stride=w.stride)
+    return stochastic_steps(
+        w.rule, num_steps, size=w.size, iteration=iteration, shift_every=w.shift_every, stride=w.stride
+    )
 
 
-def _egrpo_jumps(config: Config, sigmas: torch.Tensor, noise_level: float) -> Optional[list[MergedStep]]:
+def _egrpo_jumps(config: Config, sigmas: torch.Tensor, noise_level: float) -> list[MergedStep] | None:
     """E-GRPO's merged jumps of the run's schedule (DESIGN §6), fixed for the run."""
     if config.sampling.window.rule != "egrpo":
         return None
@@ -611,11 +693,13 @@ def _egrpo_jumps(config: Config, sigmas: torch.Tensor, noise_level: float) -> Op
     jumps = egrpo_merge_steps(stds, tau)
     if not jumps:
         entropies = ", ".join(f"{float(h):.2f}" for h in step_entropy(stds[:-1], 1))
-        raise PECError(f"E-GRPO: no step, merged or not, reaches sampling.window.tau={tau} (step entropies: {entropies}); lower tau")
+        raise PECError(
+            f"E-GRPO: no step, merged or not, reaches sampling.window.tau={tau} (step entropies: {entropies}); lower tau"
+        )
     return jumps
 
 
-def _schedule(config: Config, sigmas, noise_level: float, jumps: Optional[list[MergedStep]], iteration: int, gen):
+def _schedule(config: Config, sigmas, noise_level: float, jumps: list[MergedStep] | None, iteration: int, gen):
     """This iteration's ``(sigmas, stochastic mask, noise level(s), E-GRPO jump or None)``."""
     if jumps is None:
         return sigmas, _window(config, len(sigmas) - 1, iteration, gen), noise_level, None
@@ -623,7 +707,7 @@ def _schedule(config: Config, sigmas, noise_level: float, jumps: Optional[list[M
     return (*egrpo_schedule(sigmas, jump, noise_level), jump)
 
 
-def _prompt_noise(config: Config, iteration: int, gen: torch.Generator, samples: int) -> Optional[PromptNoise]:
+def _prompt_noise(config: Config, iteration: int, gen: torch.Generator, samples: int) -> PromptNoise | None:
     """DRIFT's annealed prompt-embedding noise of this iteration (None when off)."""
     d = config.drift
     if d.prompt_noise == 0:
@@ -632,7 +716,7 @@ def _prompt_noise(config: Config, iteration: int, gen: torch.Generator, samples:
     return PromptNoise(std, torch.randint(2**62, (samples,), generator=gen))
 
 
-def _method_log(jump: Optional[MergedStep], prompt_noise: Optional[PromptNoise], keep: Optional[torch.Tensor]) -> dict:
+def _method_log(jump: MergedStep | None, prompt_noise: PromptNoise | None, keep: torch.Tensor | None) -> dict:
     """Log-row entries of the DESIGN §6 rollout-side methods that are switched on."""
     row: dict[str, Any] = {}
     if jump is not None:

@@ -20,33 +20,50 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from comfy_pec.nodes.spec import WIDGET_TYPES
+from comfy_pec.nodes.spec import WIDGET_TYPES  # noqa: E402 -- after the sys.path line that makes it importable
 
 # ComfyUI core nodes: inputs (name, type) in ComfyUI's order, outputs (name, type); "SEED" is an INT
 # widget followed by the front end's "control after generate" value.
 CORE = {
     "UNETLoader": ([("unet_name", "COMBO"), ("weight_dtype", "COMBO")], [("MODEL", "MODEL")]),
-    "DualCLIPLoader": ([("clip_name1", "COMBO"), ("clip_name2", "COMBO"), ("type", "COMBO"), ("device", "COMBO")],
-                       [("CLIP", "CLIP")]),
+    "DualCLIPLoader": (
+        [("clip_name1", "COMBO"), ("clip_name2", "COMBO"), ("type", "COMBO"), ("device", "COMBO")],
+        [("CLIP", "CLIP")],
+    ),
     "VAELoader": ([("vae_name", "COMBO")], [("VAE", "VAE")]),
     "CheckpointLoaderSimple": ([("ckpt_name", "COMBO")], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
     "CLIPTextEncode": ([("text", "STRING"), ("clip", "CLIP")], [("CONDITIONING", "CONDITIONING")]),
     "FluxGuidance": ([("conditioning", "CONDITIONING"), ("guidance", "FLOAT")], [("CONDITIONING", "CONDITIONING")]),
     "BasicGuider": ([("model", "MODEL"), ("conditioning", "CONDITIONING")], [("GUIDER", "GUIDER")]),
-    "CFGGuider": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("cfg", "FLOAT")],
-                  [("GUIDER", "GUIDER")]),
-    "BasicScheduler": ([("model", "MODEL"), ("scheduler", "COMBO"), ("steps", "INT"), ("denoise", "FLOAT")],
-                       [("SIGMAS", "SIGMAS")]),
+    "CFGGuider": (
+        [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("cfg", "FLOAT")],
+        [("GUIDER", "GUIDER")],
+    ),
+    "BasicScheduler": (
+        [("model", "MODEL"), ("scheduler", "COMBO"), ("steps", "INT"), ("denoise", "FLOAT")],
+        [("SIGMAS", "SIGMAS")],
+    ),
     "RandomNoise": ([("noise_seed", "SEED")], [("NOISE", "NOISE")]),
     "KSamplerSelect": ([("sampler_name", "COMBO")], [("SAMPLER", "SAMPLER")]),
-    "SamplerCustomAdvanced": ([("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"),
-                               ("latent_image", "LATENT")], [("output", "LATENT"), ("denoised_output", "LATENT")]),
+    "SamplerCustomAdvanced": (
+        [
+            ("noise", "NOISE"),
+            ("guider", "GUIDER"),
+            ("sampler", "SAMPLER"),
+            ("sigmas", "SIGMAS"),
+            ("latent_image", "LATENT"),
+        ],
+        [("output", "LATENT"), ("denoised_output", "LATENT")],
+    ),
     "EmptySD3LatentImage": ([("width", "INT"), ("height", "INT"), ("batch_size", "INT")], [("LATENT", "LATENT")]),
     "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
     "SaveImage": ([("images", "IMAGE"), ("filename_prefix", "STRING")], []),
     "PreviewImage": ([("images", "IMAGE")], []),
     "PreviewAny": ([("source", "*")], []),
-    "EmptyImage": ([("width", "INT"), ("height", "INT"), ("batch_size", "INT"), ("color", "INT")], [("IMAGE", "IMAGE")]),
+    "EmptyImage": (
+        [("width", "INT"), ("height", "INT"), ("batch_size", "INT"), ("color", "INT")],
+        [("IMAGE", "IMAGE")],
+    ),
     "ImageBatch": ([("image1", "IMAGE"), ("image2", "IMAGE")], [("IMAGE", "IMAGE")]),
 }
 
@@ -97,8 +114,11 @@ def to_api(workflow: Workflow) -> dict:
     api = {}
     for node in workflow.nodes:
         inputs = {k: [str(v.node), v.slot] if isinstance(v, Link) else v for k, v in node.inputs.items()}
-        api[str(node.id)] = {"class_type": node.class_type, "inputs": inputs,
-                             "_meta": {"title": node.title or node.class_type}}
+        api[str(node.id)] = {
+            "class_type": node.class_type,
+            "inputs": inputs,
+            "_meta": {"title": node.title or node.class_type},
+        }
     return api
 
 
@@ -127,12 +147,18 @@ def to_ui(workflow: Workflow) -> dict:
                 if kind == "SEED":
                     widgets.append("fixed")
         entry = {
-            "id": node.id, "type": node.class_type, "pos": list(node.pos),
+            "id": node.id,
+            "type": node.class_type,
+            "pos": list(node.pos),
             "size": [320, _height(max(len(sockets), len(outputs)), len(widgets))],
-            "flags": {}, "order": order, "mode": 0,
+            "flags": {},
+            "order": order,
+            "mode": 0,
             "inputs": [{"name": n, "type": t, "link": link_of.get((node.id, i))} for i, (n, t) in enumerate(sockets)],
-            "outputs": [{"name": n, "type": t, "links": outgoing.get((node.id, i), []), "slot_index": i}
-                        for i, (n, t) in enumerate(outputs)],
+            "outputs": [
+                {"name": n, "type": t, "links": outgoing.get((node.id, i), []), "slot_index": i}
+                for i, (n, t) in enumerate(outputs)
+            ],
             "properties": {"Node name for S&R": node.class_type},
             "widgets_values": widgets,
         }
@@ -140,9 +166,14 @@ def to_ui(workflow: Workflow) -> dict:
             entry["title"] = node.title
         ui_nodes.append(entry)
     return {
-        "last_node_id": max(n.id for n in workflow.nodes), "last_link_id": len(links),
-        "nodes": ui_nodes, "links": links, "groups": [], "config": {},
-        "extra": {"pec": {"title": workflow.title, "notes": workflow.notes}}, "version": 0.4,
+        "last_node_id": max(n.id for n in workflow.nodes),
+        "last_link_id": len(links),
+        "nodes": ui_nodes,
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {"pec": {"title": workflow.title, "notes": workflow.notes}},
+        "version": 0.4,
     }
 
 
@@ -153,29 +184,71 @@ NEGATIVE = "blurry, low quality"
 
 
 def flux_lora_sde() -> Workflow:
-    return Workflow("pec_flux_lora_sde", "FLUX.1-dev + PEC LoRA + PEC Flow SDE Sampler", [
-        Node(1, "UNETLoader", {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}, (0, 0)),
-        Node(2, "DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
-                                   "type": "flux", "device": "default"}, (0, 180)),
-        Node(3, "VAELoader", {"vae_name": "ae.safetensors"}, (0, 400)),
-        Node(4, "PECLoraLoaderModelOnly", {"model": Link(1), "lora_name": "pec_flux_dev_pickscore.safetensors",
-                                           "strength_model": 1.0, "allow_mismatch": False}, (380, 0)),
-        Node(5, "CLIPTextEncode", {"text": PROMPT, "clip": Link(2)}, (380, 220)),
-        Node(6, "FluxGuidance", {"conditioning": Link(5), "guidance": 3.5}, (760, 220)),
-        Node(7, "BasicGuider", {"model": Link(4), "conditioning": Link(6)}, (1140, 0)),
-        Node(8, "BasicScheduler", {"model": Link(4), "scheduler": "simple", "steps": 20, "denoise": 1.0}, (1140, 140)),
-        Node(9, "RandomNoise", {"noise_seed": 42}, (760, 400)),
-        Node(10, "PECFlowSDESampler", {"method": "flow_sde", "noise_level": 0.9, "window": "sigmas",
-                                       "window_start": 0, "window_count": 2, "sigma_high": 1.0, "sigma_low": 0.5},
-             (760, 540)),
-        Node(11, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, (380, 540)),
-        Node(12, "SamplerCustomAdvanced", {"noise": Link(9), "guider": Link(7), "sampler": Link(10),
-                                           "sigmas": Link(8), "latent_image": Link(11)}, (1140, 330)),
-        Node(13, "VAEDecode", {"samples": Link(12), "vae": Link(3)}, (1520, 330)),
-        Node(14, "SaveImage", {"images": Link(13), "filename_prefix": "PEC_flux"}, (1880, 330)),
-        Node(15, "PreviewAny", {"source": Link(4, 1)}, (1520, 0), "LoRA summary"),
-    ], ["Put a PEC LoRA trained on FLUX.1-dev in models/loras.",
-        "The SDE runs while sigma is between 0.5 and 1 (the layout of the image), Euler after."])
+    return Workflow(
+        "pec_flux_lora_sde",
+        "FLUX.1-dev + PEC LoRA + PEC Flow SDE Sampler",
+        [
+            Node(1, "UNETLoader", {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}, (0, 0)),
+            Node(
+                2,
+                "DualCLIPLoader",
+                {
+                    "clip_name1": "clip_l.safetensors",
+                    "clip_name2": "t5xxl_fp16.safetensors",
+                    "type": "flux",
+                    "device": "default",
+                },
+                (0, 180),
+            ),
+            Node(3, "VAELoader", {"vae_name": "ae.safetensors"}, (0, 400)),
+            Node(
+                4,
+                "PECLoraLoaderModelOnly",
+                {
+                    "model": Link(1),
+                    "lora_name": "pec_flux_dev_pickscore.safetensors",
+                    "strength_model": 1.0,
+                    "allow_mismatch": False,
+                },
+                (380, 0),
+            ),
+            Node(5, "CLIPTextEncode", {"text": PROMPT, "clip": Link(2)}, (380, 220)),
+            Node(6, "FluxGuidance", {"conditioning": Link(5), "guidance": 3.5}, (760, 220)),
+            Node(7, "BasicGuider", {"model": Link(4), "conditioning": Link(6)}, (1140, 0)),
+            Node(
+                8, "BasicScheduler", {"model": Link(4), "scheduler": "simple", "steps": 20, "denoise": 1.0}, (1140, 140)
+            ),
+            Node(9, "RandomNoise", {"noise_seed": 42}, (760, 400)),
+            Node(
+                10,
+                "PECFlowSDESampler",
+                {
+                    "method": "flow_sde",
+                    "noise_level": 0.9,
+                    "window": "sigmas",
+                    "window_start": 0,
+                    "window_count": 2,
+                    "sigma_high": 1.0,
+                    "sigma_low": 0.5,
+                },
+                (760, 540),
+            ),
+            Node(11, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, (380, 540)),
+            Node(
+                12,
+                "SamplerCustomAdvanced",
+                {"noise": Link(9), "guider": Link(7), "sampler": Link(10), "sigmas": Link(8), "latent_image": Link(11)},
+                (1140, 330),
+            ),
+            Node(13, "VAEDecode", {"samples": Link(12), "vae": Link(3)}, (1520, 330)),
+            Node(14, "SaveImage", {"images": Link(13), "filename_prefix": "PEC_flux"}, (1880, 330)),
+            Node(15, "PreviewAny", {"source": Link(4, 1)}, (1520, 0), "LoRA summary"),
+        ],
+        [
+            "Put a PEC LoRA trained on FLUX.1-dev in models/loras.",
+            "The SDE runs while sigma is between 0.5 and 1 (the layout of the image), Euler after.",
+        ],
+    )
 
 
 def _sd35_sampling(first_id: int, model: Link, y: int, seed_node: int) -> list[Node]:
@@ -183,10 +256,24 @@ def _sd35_sampling(first_id: int, model: Link, y: int, seed_node: int) -> list[N
     i = first_id
     return [
         Node(i, "CFGGuider", {"model": model, "positive": Link(2), "negative": Link(3), "cfg": 4.5}, (760, y)),
-        Node(i + 1, "BasicScheduler", {"model": model, "scheduler": "simple", "steps": 28, "denoise": 1.0},
-             (760, y + 170)),
-        Node(i + 2, "SamplerCustomAdvanced", {"noise": Link(seed_node), "guider": Link(i), "sampler": Link(5),
-                                              "sigmas": Link(i + 1), "latent_image": Link(4)}, (1140, y)),
+        Node(
+            i + 1,
+            "BasicScheduler",
+            {"model": model, "scheduler": "simple", "steps": 28, "denoise": 1.0},
+            (760, y + 170),
+        ),
+        Node(
+            i + 2,
+            "SamplerCustomAdvanced",
+            {
+                "noise": Link(seed_node),
+                "guider": Link(i),
+                "sampler": Link(5),
+                "sigmas": Link(i + 1),
+                "latent_image": Link(4),
+            },
+            (1140, y),
+        ),
         Node(i + 3, "VAEDecode", {"samples": Link(i + 2), "vae": Link(1, 2)}, (1520, y)),
     ]
 
@@ -204,43 +291,96 @@ def _sd35_inputs(batch: int) -> list[Node]:
 
 
 def batch_diversity() -> Workflow:
-    nodes = _sd35_inputs(8) + _sd35_sampling(10, Link(1), 0, 6) + [
-        Node(20, "PECBatchDiversity", {"images": Link(13), "encoder": Link(7), "q": 1.0, "group_size": 0}, (1880, 0)),
-        Node(21, "PECSelectDiverse", {"images": Link(13), "encoder": Link(7), "k": 4, "q": 1.0}, (1880, 420)),
-        Node(22, "SaveImage", {"images": Link(21), "filename_prefix": "PEC_diverse4"}, (2240, 420)),
-        Node(23, "PECPerceptualEntropy", {
-            "guider": Link(10), "sigmas": Link(11), "latent_image": Link(4), "noise_seed": 7, "vae": Link(1, 2),
-            "encoder": Link(7), "step": 4, "method": "flow_sde", "noise_level": 0.7, "repeats": 8, "decode": "noisy"},
-            (1140, 420)),
-    ]
-    return Workflow("pec_batch_diversity", "Generate a batch, score its diversity, keep the 4 most diverse", nodes, [
-        "Put facebook/dinov2-small (config.json + weights) in models/pec_encoders/dinov2-small,",
-        "or connect a CLIP Vision Loader to the encoder loader's clip_vision input.",
-        "PEC Perceptual Entropy probes step 4: how far one Flow-SDE step moves the image perceptually."])
+    nodes = (
+        _sd35_inputs(8)
+        + _sd35_sampling(10, Link(1), 0, 6)
+        + [
+            Node(
+                20, "PECBatchDiversity", {"images": Link(13), "encoder": Link(7), "q": 1.0, "group_size": 0}, (1880, 0)
+            ),
+            Node(21, "PECSelectDiverse", {"images": Link(13), "encoder": Link(7), "k": 4, "q": 1.0}, (1880, 420)),
+            Node(22, "SaveImage", {"images": Link(21), "filename_prefix": "PEC_diverse4"}, (2240, 420)),
+            Node(
+                23,
+                "PECPerceptualEntropy",
+                {
+                    "guider": Link(10),
+                    "sigmas": Link(11),
+                    "latent_image": Link(4),
+                    "noise_seed": 7,
+                    "vae": Link(1, 2),
+                    "encoder": Link(7),
+                    "step": 4,
+                    "method": "flow_sde",
+                    "noise_level": 0.7,
+                    "repeats": 8,
+                    "decode": "noisy",
+                },
+                (1140, 420),
+            ),
+        ]
+    )
+    return Workflow(
+        "pec_batch_diversity",
+        "Generate a batch, score its diversity, keep the 4 most diverse",
+        nodes,
+        [
+            "Put facebook/dinov2-small (config.json + weights) in models/pec_encoders/dinov2-small,",
+            "or connect a CLIP Vision Loader to the encoder loader's clip_vision input.",
+            "PEC Perceptual Entropy probes step 4: how far one Flow-SDE step moves the image perceptually.",
+        ],
+    )
 
 
 def lora_on_off() -> Workflow:
     nodes = _sd35_inputs(8) + [
-        Node(8, "PECLoraLoaderModelOnly", {"model": Link(1), "lora_name": "pec_sd35m_pickscore.safetensors",
-                                           "strength_model": 1.0, "allow_mismatch": False}, (380, 420)),
+        Node(
+            8,
+            "PECLoraLoaderModelOnly",
+            {
+                "model": Link(1),
+                "lora_name": "pec_sd35m_pickscore.safetensors",
+                "strength_model": 1.0,
+                "allow_mismatch": False,
+            },
+            (380, 420),
+        ),
         *_sd35_sampling(10, Link(1), 0, 6),
         *_sd35_sampling(30, Link(8), 560, 6),
-        Node(20, "PECBatchDiversity", {"images": Link(13), "encoder": Link(7), "q": 1.0, "group_size": 0},
-             (1880, 0), "base model"),
-        Node(21, "PECBatchDiversity", {"images": Link(33), "encoder": Link(7), "q": 1.0, "group_size": 0},
-             (1880, 560), "with PEC LoRA"),
+        Node(
+            20,
+            "PECBatchDiversity",
+            {"images": Link(13), "encoder": Link(7), "q": 1.0, "group_size": 0},
+            (1880, 0),
+            "base model",
+        ),
+        Node(
+            21,
+            "PECBatchDiversity",
+            {"images": Link(33), "encoder": Link(7), "q": 1.0, "group_size": 0},
+            (1880, 560),
+            "with PEC LoRA",
+        ),
         Node(22, "PreviewImage", {"images": Link(13)}, (2240, 0), "base model"),
         Node(23, "PreviewImage", {"images": Link(33)}, (2240, 560), "with PEC LoRA"),
     ]
-    return Workflow("pec_lora_on_off", "The same prompt and seeds with the LoRA off and on, both scored", nodes, [
-        "Both branches share prompt, seed and sampler: the only difference is the LoRA.",
-        "Compare the two Vendi scores (higher = more distinct images among the 8)."])
+    return Workflow(
+        "pec_lora_on_off",
+        "The same prompt and seeds with the LoRA off and on, both scored",
+        nodes,
+        [
+            "Both branches share prompt, seed and sampler: the only difference is the LoRA.",
+            "Compare the two Vendi scores (higher = more distinct images among the 8).",
+        ],
+    )
 
 
 def score_images_demo() -> Workflow:
     colours = [0xD03030, 0xD03030, 0x30A040, 0x3050D0]
-    nodes = [Node(i + 1, "EmptyImage", {"width": 64, "height": 64, "batch_size": 1, "color": c}, (0, 140 * i))
-             for i, c in enumerate(colours)]
+    nodes = [
+        Node(i + 1, "EmptyImage", {"width": 64, "height": 64, "batch_size": 1, "color": c}, (0, 140 * i))
+        for i, c in enumerate(colours)
+    ]
     nodes += [
         Node(5, "ImageBatch", {"image1": Link(1), "image2": Link(2)}, (380, 0)),
         Node(6, "ImageBatch", {"image1": Link(5), "image2": Link(3)}, (380, 140)),
@@ -250,8 +390,12 @@ def score_images_demo() -> Workflow:
         Node(10, "PECSelectDiverse", {"images": Link(7), "encoder": Link(8), "k": 3, "q": 1.0}, (760, 380)),
         Node(11, "PreviewImage", {"images": Link(10)}, (1140, 380)),
     ]
-    return Workflow("pec_score_images_demo", "Score a batch without any model download (toy encoder)", nodes, [
-        "Four solid images, two of them the same red: Vendi is below 4 and Select Diverse drops a duplicate."])
+    return Workflow(
+        "pec_score_images_demo",
+        "Score a batch without any model download (toy encoder)",
+        nodes,
+        ["Four solid images, two of them the same red: Vendi is below 4 and Select Diverse drops a duplicate."],
+    )
 
 
 WORKFLOWS = [flux_lora_sde, batch_diversity, lora_on_off, score_images_demo]
@@ -282,20 +426,31 @@ def draw(workflow: Workflow, path: Path) -> None:
     def slot_y(node, index):
         return node["pos"][1] + 34 + 22 * index
 
-    for _, src, src_slot, dst, dst_slot, kind in ui["links"]:
+    for _, src, src_slot, dst, dst_slot, _kind in ui["links"]:
         a, b = nodes[src], nodes[dst]
         x0, y0 = a["pos"][0] + a["size"][0], slot_y(a, src_slot)
         x1, y1 = b["pos"][0], slot_y(b, dst_slot)
         bend = max(60, (x1 - x0) / 2)
-        curve = CurvePath([(x0, y0), (x0 + bend, y0), (x1 - bend, y1), (x1, y1)],
-                          [CurvePath.MOVETO, CurvePath.CURVE4, CurvePath.CURVE4, CurvePath.CURVE4])
+        curve = CurvePath(
+            [(x0, y0), (x0 + bend, y0), (x1 - bend, y1), (x1, y1)],
+            [CurvePath.MOVETO, CurvePath.CURVE4, CurvePath.CURVE4, CurvePath.CURVE4],
+        )
         ax.add_patch(PathPatch(curve, fill=False, lw=1.2, color="#7a8fa6", alpha=0.8))
     for node in ui["nodes"]:
         x, y = node["pos"]
         w, h = node["size"]
         pec = node["type"].startswith("PEC")
-        ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0,rounding_size=8",
-                                    fc="#efe6ff" if pec else "#f2f2f2", ec="#6b3fb3" if pec else "#888", lw=1.2))
+        ax.add_patch(
+            FancyBboxPatch(
+                (x, y),
+                w,
+                h,
+                boxstyle="round,pad=0,rounding_size=8",
+                fc="#efe6ff" if pec else "#f2f2f2",
+                ec="#6b3fb3" if pec else "#888",
+                lw=1.2,
+            )
+        )
         ax.text(x + 8, y + 16, node.get("title", node["type"]), fontsize=7.5, weight="bold", va="center")
         for i, slot in enumerate(node["inputs"]):
             ax.text(x + 8, slot_y(node, i), "• " + slot["name"], fontsize=6, va="center", color="#333")

@@ -65,11 +65,22 @@ def _lora_loader_model_only(model, lora_name, strength_model, allow_mismatch):
 
 _LORA_INPUTS = [
     In("lora_name", "COMBO", "a LoRA file in models/loras", options=_lora_files),
-    In("strength_model", "FLOAT", "1.0 = the trained strength (PEC LoRAs have the scale baked in)",
-       default=1.0, min=-10.0, max=10.0, step=0.01),
+    In(
+        "strength_model",
+        "FLOAT",
+        "1.0 = the trained strength (PEC LoRAs have the scale baked in)",
+        default=1.0,
+        min=-10.0,
+        max=10.0,
+        step=0.01,
+    ),
 ]
-_ALLOW = In("allow_mismatch", "BOOLEAN", "apply a LoRA made for another model family with a warning instead of an error",
-            default=False)
+_ALLOW = In(
+    "allow_mismatch",
+    "BOOLEAN",
+    "apply a LoRA made for another model family with a warning instead of an error",
+    default=False,
+)
 _SUMMARY = Out("summary", "STRING", "method, β, base model, usage hint, matched/unmatched keys")
 
 
@@ -83,8 +94,10 @@ def _require_flow_model(model, node: str) -> None:
     patcher = getattr(getattr(model, "inner_model", None), "model_patcher", None)
     sampling = patcher.get_model_object("model_sampling") if patcher is not None else None
     if not isinstance(sampling, comfy.model_sampling.CONST):
-        raise PECError(f"{node} needs a flow-matching model (SD3/SD3.5, FLUX, ...); this model samples with "
-                       f"{type(sampling).__name__} (not rectified flow)")
+        raise PECError(
+            f"{node} needs a flow-matching model (SD3/SD3.5, FLUX, ...); this model samples with "
+            f"{type(sampling).__name__} (not rectified flow)"
+        )
 
 
 def _flow_sampler(method, noise_level, window, window_start, window_count, sigma_high, sigma_low):
@@ -116,10 +129,22 @@ def _flow_sampler(method, noise_level, window, window_start, window_count, sigma
 
 
 _SDE_INPUTS = [
-    In("method", "COMBO", "flow_sde: Flow-GRPO's SDE; cps: coefficient-preserving sampling", default="flow_sde",
-       options=SAMPLER_METHODS),
-    In("noise_level", "FLOAT", "a: 0 = Euler (ODE); Flow-GRPO trains SD3 at 0.7, FLUX at 0.9", default=0.7,
-       min=0.0, max=2.0, step=0.01),
+    In(
+        "method",
+        "COMBO",
+        "flow_sde: Flow-GRPO's SDE; cps: coefficient-preserving sampling",
+        default="flow_sde",
+        options=SAMPLER_METHODS,
+    ),
+    In(
+        "noise_level",
+        "FLOAT",
+        "a: 0 = Euler (ODE); Flow-GRPO trains SD3 at 0.7, FLUX at 0.9",
+        default=0.7,
+        min=0.0,
+        max=2.0,
+        step=0.01,
+    ),
 ]
 
 
@@ -156,7 +181,10 @@ def _encoder_loader(model, encoder_type, clip_vision=None):
     if clip_vision is not None:
         encoder, source = ClipVisionEncoder(clip_vision), "the connected CLIP_VISION model"
     elif model == TOY_CHOICE:
-        encoder, source = load_encoder("toy", device=comfy.model_management.get_torch_device()), "the embedded toy encoder"
+        encoder, source = (
+            load_encoder("toy", device=comfy.model_management.get_torch_device()),
+            "the embedded toy encoder",
+        )
     else:
         path = next((os.path.join(b, model) for b in encoder_folders() if os.path.exists(os.path.join(b, model))), None)
         if path is None:
@@ -196,15 +224,23 @@ def _select_diverse(images, encoder, k, q):
 
 
 _ENCODER_IN = In("encoder", "PEC_ENCODER", "from PEC Perceptual Encoder Loader")
-_Q = In("q", "FLOAT", "Vendi order: 1 = Shannon (the paper's), 2 = emphasises common modes, 0 = rank",
-        default=1.0, min=0.0, max=100.0, step=0.1)
+_Q = In(
+    "q",
+    "FLOAT",
+    "Vendi order: 1 = Shannon (the paper's), 2 = emphasises common modes, 0 = rank",
+    default=1.0,
+    min=0.0,
+    max=100.0,
+    step=0.1,
+)
 
 
 # ----------------------------------------------------------------------------- perceptual entropy
 
 
-def _perceptual_entropy(guider, sigmas, latent_image, noise_seed, vae, encoder, step, method, noise_level,
-                        repeats, decode):
+def _perceptual_entropy(
+    guider, sigmas, latent_image, noise_seed, vae, encoder, step, method, noise_level, repeats, decode
+):
     import comfy.model_management
     import comfy.sample
     import comfy.samplers
@@ -220,8 +256,19 @@ def _perceptual_entropy(guider, sigmas, latent_image, noise_seed, vae, encoder, 
     def probe(model, x, sigmas, extra_args=None, callback=None, disable=None):
         extra_args = {} if extra_args is None else extra_args
         _require_flow_model(model, "PEC Perceptual Entropy")
-        probes.append(probe_step(lambda x_i, s: model(x_i, s, **extra_args), x, sigmas, step=step, repeats=repeats,
-                                 method=method, noise_level=noise_level, seed=noise_seed, decode=decode))
+        probes.append(
+            probe_step(
+                lambda x_i, s: model(x_i, s, **extra_args),
+                x,
+                sigmas,
+                step=step,
+                repeats=repeats,
+                method=method,
+                noise_level=noise_level,
+                seed=noise_seed,
+                decode=decode,
+            )
+        )
         return x
 
     noise = comfy.sample.prepare_noise(latent, noise_seed)
@@ -242,88 +289,179 @@ def _perceptual_entropy(guider, sigmas, latent_image, noise_seed, vae, encoder, 
 
 SPECS = [
     NodeSpec(
-        "PECLoraLoader", "PEC LoRA Loader", "PEC/loaders",
+        "PECLoraLoader",
+        "PEC LoRA Loader",
+        "PEC/loaders",
         "Apply a PEC LoRA to MODEL and CLIP after checking that it fits the model; the summary shows how it "
         "was trained and how many of its modules matched.",
-        [In("model", "MODEL"), In("clip", "CLIP"), *_LORA_INPUTS,
-         In("strength_clip", "FLOAT", "strength on the text encoders (PEC LoRAs train none: no effect)",
-            default=1.0, min=-10.0, max=10.0, step=0.01), _ALLOW],
+        [
+            In("model", "MODEL"),
+            In("clip", "CLIP"),
+            *_LORA_INPUTS,
+            In(
+                "strength_clip",
+                "FLOAT",
+                "strength on the text encoders (PEC LoRAs train none: no effect)",
+                default=1.0,
+                min=-10.0,
+                max=10.0,
+                step=0.01,
+            ),
+            _ALLOW,
+        ],
         [Out("MODEL", "MODEL"), Out("CLIP", "CLIP"), _SUMMARY],
         _lora_loader,
     ),
     NodeSpec(
-        "PECLoraLoaderModelOnly", "PEC LoRA Loader (model only)", "PEC/loaders",
+        "PECLoraLoaderModelOnly",
+        "PEC LoRA Loader (model only)",
+        "PEC/loaders",
         "Apply a PEC LoRA to MODEL after checking that it fits the model.",
         [In("model", "MODEL"), *_LORA_INPUTS, _ALLOW],
         [Out("MODEL", "MODEL"), _SUMMARY],
         _lora_loader_model_only,
     ),
     NodeSpec(
-        "PECFlowSDESampler", "PEC Flow SDE Sampler", "PEC/sampling",
+        "PECFlowSDESampler",
+        "PEC Flow SDE Sampler",
+        "PEC/sampling",
         "Flow-GRPO's SDE (or CPS) as a SAMPLER for SamplerCustom / SamplerCustomAdvanced on flow models "
         "(SD3/SD3.5, FLUX). Stochastic steps in the window, Euler elsewhere; the step noise comes from a CPU "
         "generator seeded from the sampling seed, so a seed gives the same image on any device.",
-        [*_SDE_INPUTS,
-         In("window", "COMBO", "which steps are stochastic: all, a step range, or a sigma range (the last step "
-            "is always Euler)", default="all", options=WINDOWS),
-         In("window_start", "INT", "first stochastic step (window = steps)", default=0, min=0, max=10000),
-         In("window_count", "INT", "number of stochastic steps (window = steps)", default=2, min=0, max=10000),
-         In("sigma_high", "FLOAT", "steps starting at sigma <= this are stochastic (window = sigmas)", default=1.0,
-            min=0.0, max=1.0, step=0.01),
-         In("sigma_low", "FLOAT", "steps starting at sigma >= this are stochastic (window = sigmas)", default=0.0,
-            min=0.0, max=1.0, step=0.01)],
+        [
+            *_SDE_INPUTS,
+            In(
+                "window",
+                "COMBO",
+                "which steps are stochastic: all, a step range, or a sigma range (the last step is always Euler)",
+                default="all",
+                options=WINDOWS,
+            ),
+            In("window_start", "INT", "first stochastic step (window = steps)", default=0, min=0, max=10000),
+            In("window_count", "INT", "number of stochastic steps (window = steps)", default=2, min=0, max=10000),
+            In(
+                "sigma_high",
+                "FLOAT",
+                "steps starting at sigma <= this are stochastic (window = sigmas)",
+                default=1.0,
+                min=0.0,
+                max=1.0,
+                step=0.01,
+            ),
+            In(
+                "sigma_low",
+                "FLOAT",
+                "steps starting at sigma >= this are stochastic (window = sigmas)",
+                default=0.0,
+                min=0.0,
+                max=1.0,
+                step=0.01,
+            ),
+        ],
         [Out("SAMPLER", "SAMPLER")],
         _flow_sampler,
     ),
     NodeSpec(
-        "PECPerceptualEncoderLoader", "PEC Perceptual Encoder Loader", "PEC/loaders",
+        "PECPerceptualEncoderLoader",
+        "PEC Perceptual Encoder Loader",
+        "PEC/loaders",
         "A perceptual encoder for the diversity nodes: a connected CLIP_VISION model (CLIP, SigLIP, DINOv2), "
         "a model folder under models/pec_encoders (DINOv2, CLIP, PickScore), or the embedded toy encoder.",
-        [In("model", "COMBO", "a folder under models/pec_encoders, or the embedded toy encoder",
-            default=TOY_CHOICE, options=_encoder_choices),
-         In("encoder_type", "COMBO", "auto: guess from the folder's config and name", default="auto",
-            options=_encoder_types),
-         In("clip_vision", "CLIP_VISION", "when connected, used instead of the folder", optional=True)],
+        [
+            In(
+                "model",
+                "COMBO",
+                "a folder under models/pec_encoders, or the embedded toy encoder",
+                default=TOY_CHOICE,
+                options=_encoder_choices,
+            ),
+            In(
+                "encoder_type",
+                "COMBO",
+                "auto: guess from the folder's config and name",
+                default="auto",
+                options=_encoder_types,
+            ),
+            In("clip_vision", "CLIP_VISION", "when connected, used instead of the folder", optional=True),
+        ],
         [Out("PEC_ENCODER", "PEC_ENCODER")],
         _encoder_loader,
     ),
     NodeSpec(
-        "PECBatchDiversity", "PEC Batch Diversity", "PEC/diversity",
+        "PECBatchDiversity",
+        "PEC Batch Diversity",
+        "PEC/diversity",
         "How diverse is a batch? Vendi score, feature variance and mean pairwise distance in the encoder's "
         "space (per prompt group with group_size > 0), and a similarity heatmap with thumbnails.",
-        [In("images", "IMAGE"), _ENCODER_IN, _Q,
-         In("group_size", "INT", "images per prompt (seeds of one prompt next to each other); 0 = one group",
-            default=0, min=0, max=4096)],
-        [Out("vendi", "FLOAT"), Out("feature_variance", "FLOAT"), Out("mean_distance", "FLOAT"),
-         Out("report", "STRING"), Out("heatmap", "IMAGE")],
+        [
+            In("images", "IMAGE"),
+            _ENCODER_IN,
+            _Q,
+            In(
+                "group_size",
+                "INT",
+                "images per prompt (seeds of one prompt next to each other); 0 = one group",
+                default=0,
+                min=0,
+                max=4096,
+            ),
+        ],
+        [
+            Out("vendi", "FLOAT"),
+            Out("feature_variance", "FLOAT"),
+            Out("mean_distance", "FLOAT"),
+            Out("report", "STRING"),
+            Out("heatmap", "IMAGE"),
+        ],
         _batch_diversity,
         output_node=True,
         list_inputs=frozenset({"images"}),
     ),
     NodeSpec(
-        "PECSelectDiverse", "PEC Select Diverse", "PEC/diversity",
+        "PECSelectDiverse",
+        "PEC Select Diverse",
+        "PEC/diversity",
         "Keep the k images whose set has the highest Vendi score (greedy).",
-        [In("images", "IMAGE"), _ENCODER_IN, In("k", "INT", "how many images to keep", default=4, min=1, max=4096),
-         _Q],
-        [Out("images", "IMAGE"), Out("indices", "STRING", "positions in the input batch, in selection order"),
-         Out("vendi", "FLOAT", "Vendi score of the kept images")],
+        [In("images", "IMAGE"), _ENCODER_IN, In("k", "INT", "how many images to keep", default=4, min=1, max=4096), _Q],
+        [
+            Out("images", "IMAGE"),
+            Out("indices", "STRING", "positions in the input batch, in selection order"),
+            Out("vendi", "FLOAT", "Vendi score of the kept images"),
+        ],
         _select_diverse,
         list_inputs=frozenset({"images"}),
     ),
     NodeSpec(
-        "PECPerceptualEntropy", "PEC Perceptual Entropy", "PEC/diversity",
+        "PECPerceptualEntropy",
+        "PEC Perceptual Entropy",
+        "PEC/diversity",
         "Perceptual entropy of one sampling step (DESIGN §5): Euler up to `step`, then that Flow-SDE/CPS step "
         "`repeats` times from the same state; the draws (and the step mean) are decoded and embedded.",
-        [In("guider", "GUIDER"), In("sigmas", "SIGMAS"), In("latent_image", "LATENT"),
-         In("noise_seed", "INT", "initial noise and step noise", default=0, min=0, max=0xFFFFFFFFFFFFFFFF),
-         In("vae", "VAE"), _ENCODER_IN,
-         In("step", "INT", "the step to probe (0 = the noisiest)", default=2, min=0, max=10000),
-         *_SDE_INPUTS,
-         In("repeats", "INT", "draws of the step", default=8, min=1, max=256),
-         In("decode", "COMBO", "noisy: decode x' and the mean (the paper); x0: decode their clean predictions",
-            default="noisy", options=["noisy", "x0"])],
-        [Out("perceptual_entropy", "FLOAT"), Out("energy", "FLOAT"), Out("vendi", "FLOAT"), Out("report", "STRING"),
-         Out("draws", "IMAGE")],
+        [
+            In("guider", "GUIDER"),
+            In("sigmas", "SIGMAS"),
+            In("latent_image", "LATENT"),
+            In("noise_seed", "INT", "initial noise and step noise", default=0, min=0, max=0xFFFFFFFFFFFFFFFF),
+            In("vae", "VAE"),
+            _ENCODER_IN,
+            In("step", "INT", "the step to probe (0 = the noisiest)", default=2, min=0, max=10000),
+            *_SDE_INPUTS,
+            In("repeats", "INT", "draws of the step", default=8, min=1, max=256),
+            In(
+                "decode",
+                "COMBO",
+                "noisy: decode x' and the mean (the paper); x0: decode their clean predictions",
+                default="noisy",
+                options=["noisy", "x0"],
+            ),
+        ],
+        [
+            Out("perceptual_entropy", "FLOAT"),
+            Out("energy", "FLOAT"),
+            Out("vendi", "FLOAT"),
+            Out("report", "STRING"),
+            Out("draws", "IMAGE"),
+        ],
         _perceptual_entropy,
         output_node=True,
     ),

@@ -31,7 +31,9 @@ def lora_family(info: LoraInfo) -> str:
     return "flux" if arch.startswith("flux") else "unknown"
 
 
-def check_lora(info: LoraInfo, coverage: KeyCoverage, family: str, allow_mismatch: bool = False) -> tuple[str, list[str]]:
+def check_lora(
+    info: LoraInfo, coverage: KeyCoverage, family: str, allow_mismatch: bool = False
+) -> tuple[str, list[str]]:
     """Check a LoRA against a model and describe it.
 
     Args:
@@ -57,8 +59,10 @@ def check_lora(info: LoraInfo, coverage: KeyCoverage, family: str, allow_mismatc
     if coverage.unmatched and coverage.matched:
         warnings.append(f"{len(coverage.unmatched)} LoRA modules have no counterpart in the model and are skipped")
     total = len(coverage.matched) + len(coverage.unmatched)
-    keys = (f"  {'keys':<13}{len(coverage.matched)} of {total} modules matched the model "
-            f"({family.removeprefix('other:')}), {len(coverage.unmatched)} unmatched")
+    keys = (
+        f"  {'keys':<13}{len(coverage.matched)} of {total} modules matched the model "
+        f"({family.removeprefix('other:')}), {len(coverage.unmatched)} unmatched"
+    )
     lines = [format_lora_info(info), keys]
     lines += [f"  {'WARNING':<13}{w}" for w in problems]
     return "\n".join(lines), warnings

@@ -66,7 +66,9 @@ def _v3_node(spec: NodeSpec):
                 category=spec.category,
                 description=spec.description,
                 inputs=[_v3_input(io, i) for i in spec.inputs],
-                outputs=[io.Custom(o.type).Output(display_name=o.name, tooltip=o.tooltip or None) for o in spec.outputs],
+                outputs=[
+                    io.Custom(o.type).Output(display_name=o.name, tooltip=o.tooltip or None) for o in spec.outputs
+                ],
                 is_output_node=spec.output_node,
                 is_input_list=bool(spec.list_inputs),
             )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 from comfy_pec import PECError
 
@@ -35,7 +34,7 @@ def detect_family(path_or_id: str) -> str:
     return _PIPELINE_FAMILIES[name]
 
 
-def load_backend(path_or_id: Optional[str] = None, family: Optional[str] = None, **kwargs) -> Backend:
+def load_backend(path_or_id: str | None = None, family: str | None = None, **kwargs) -> Backend:
     """Load a model as a backend; ``None`` loads the embedded tiny model.
 
     ``path_or_id`` is a hub id, a diffusers pipeline directory, or a single-file transformer

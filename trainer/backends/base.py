@@ -14,13 +14,13 @@ import abc
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 
 from comfy_pec import PECError
 
-Sigma = Union[float, torch.Tensor]
+Sigma = float | torch.Tensor
 
 #: the name of the optional JSON file in a model directory that holds its sampling defaults.
 DEFAULTS_FILE = "pec.json"
@@ -41,15 +41,15 @@ class PromptEmbeds:
     def __len__(self) -> int:
         return self.embeds.shape[0]
 
-    def repeat(self, n: int) -> "PromptEmbeds":
+    def repeat(self, n: int) -> PromptEmbeds:
         """Each prompt ``n`` times in a row (a GRPO group): ``[B, ...]`` → ``[B·n, ...]``."""
         return PromptEmbeds(self.embeds.repeat_interleave(n, 0), self.pooled.repeat_interleave(n, 0))
 
-    def select(self, index) -> "PromptEmbeds":
+    def select(self, index) -> PromptEmbeds:
         return PromptEmbeds(self.embeds[index], self.pooled[index])
 
     @staticmethod
-    def cat(items: list["PromptEmbeds"]) -> "PromptEmbeds":
+    def cat(items: list[PromptEmbeds]) -> PromptEmbeds:
         return PromptEmbeds(torch.cat([i.embeds for i in items]), torch.cat([i.pooled for i in items]))
 
 
@@ -87,7 +87,11 @@ def load_lora_for(transformer: torch.nn.Module, path: str, family: str) -> dict[
             b_rows,
         )
         if not fits:
-            found = "no such module" if target is None else f"module is {type(target).__name__} {tuple(target.weight.shape)}"
+            found = (
+                "no such module"
+                if target is None
+                else f"module is {type(target).__name__} {tuple(target.weight.shape)}"
+            )
             raise PECError(
                 f"{path}: LoRA module {name} [{b_rows} x {tensor.shape[1]}] does not fit this {family} model "
                 f"({found}); the LoRA was made for another base model (its keys look like "
@@ -131,7 +135,7 @@ class Backend(abc.ABC):
         sigma: Sigma,
         cond: PromptEmbeds,
         guidance_scale: float = 1.0,
-        uncond: Optional[PromptEmbeds] = None,
+        uncond: PromptEmbeds | None = None,
     ) -> torch.Tensor:
         """Velocity ``v ≈ ε - x0`` at noise level ``sigma`` (float or ``[B]``), float32, latents' shape."""
 
@@ -155,7 +159,7 @@ class Backend(abc.ABC):
     def load_lora(self, path: str, scale: float = 1.0, adapter_name: str = "pec") -> None:
         """Apply a LoRA file at ``scale``; a file for another architecture is a :class:`PECError`."""
 
-    def cache_prompts(self, prompts: list[str]) -> None:
+    def cache_prompts(self, prompts: list[str]) -> None:  # noqa: B027 -- an optional hook, a no-op by default
         """Encode ``prompts`` ahead of use where the backend caches embeddings (default: nothing to do)."""
 
     def empty_embeds(self, batch: int) -> PromptEmbeds:

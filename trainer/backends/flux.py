@@ -15,7 +15,7 @@ flow velocity ``v = ε - x0``. The schedule is the dynamic shift of the packed t
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -67,7 +67,7 @@ class FluxBackend(PipelineBackend):
     text_encoder_names = ("text_encoder", "text_encoder_2")
 
     @classmethod
-    def optional_components(cls, use_t5: Optional[bool]) -> dict[str, None]:
+    def optional_components(cls, use_t5: bool | None) -> dict[str, None]:
         if use_t5 is False:
             raise PECError("FLUX reads its prompt tokens from T5: model.use_t5 cannot be false for a flux model")
         return {}
@@ -88,7 +88,7 @@ class FluxBackend(PipelineBackend):
         sigma: Sigma,
         cond: PromptEmbeds,
         guidance_scale: float = 1.0,
-        uncond: Optional[PromptEmbeds] = None,
+        uncond: PromptEmbeds | None = None,
     ) -> torch.Tensor:
         """Velocity in the packed layout; ``guidance_scale`` is the distilled guidance, ``uncond`` is unused."""
         batch, channels, height, width = latents.shape

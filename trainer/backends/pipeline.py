@@ -18,7 +18,7 @@ import abc
 import contextlib
 import os
 from collections import OrderedDict
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -47,7 +47,7 @@ class PromptCache:
         self.size = int(size)
         self._items: OrderedDict[str, PromptEmbeds] = OrderedDict()
 
-    def get(self, prompt: str) -> Optional[PromptEmbeds]:
+    def get(self, prompt: str) -> PromptEmbeds | None:
         item = self._items.get(prompt)
         if item is not None:
             self._items.move_to_end(prompt)
@@ -86,7 +86,7 @@ class PipelineBackend(Backend):
     def __init__(
         self,
         pipe,
-        defaults: Optional[dict[str, Any]] = None,
+        defaults: dict[str, Any] | None = None,
         source: str = "<in memory>",
         *,
         prompt_cache: int = 0,
@@ -125,7 +125,7 @@ class PipelineBackend(Backend):
     # ---- loading ------------------------------------------------------------------------------
 
     @classmethod
-    def optional_components(cls, use_t5: Optional[bool]) -> dict[str, None]:
+    def optional_components(cls, use_t5: bool | None) -> dict[str, None]:
         """Pipeline components to leave out (``{name: None}``) for the ``use_t5`` choice."""
         return {}
 
@@ -134,14 +134,14 @@ class PipelineBackend(Backend):
         cls,
         path_or_id: str,
         *,
-        base: Optional[str] = None,
-        revision: Optional[str] = None,
+        base: str | None = None,
+        revision: str | None = None,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
-        use_t5: Optional[bool] = None,
-        max_sequence_length: Optional[int] = None,
+        use_t5: bool | None = None,
+        max_sequence_length: int | None = None,
         **options,
-    ) -> "PipelineBackend":
+    ) -> PipelineBackend:
         """Load from a hub id, a pipeline directory, or a single-file transformer checkpoint + ``base``.
 
         A single file (see :data:`SINGLE_FILE_SUFFIXES`) takes the transformer's weights from the file
@@ -177,7 +177,7 @@ class PipelineBackend(Backend):
         return cls.wrap(pipe, device, defaults, source=path_or_id, **options)
 
     @classmethod
-    def wrap(cls, pipe, device: str | torch.device = "cpu", defaults: Optional[dict[str, Any]] = None, **options):
+    def wrap(cls, pipe, device: str | torch.device = "cpu", defaults: dict[str, Any] | None = None, **options):
         """A backend around an already built pipeline: frozen, on ``device``, VAE in float32."""
         pipe.set_progress_bar_config(disable=True)
         pipe.vae.to(device, torch.float32)
@@ -226,7 +226,9 @@ class PipelineBackend(Backend):
             return
         missing = [p for p in dict.fromkeys(prompts) if self.prompt_cache.get(p) is None]
         if len(missing) > self.prompt_cache.size:
-            raise PECError(f"{len(missing)} new prompts in one call exceed model.prompt_cache ({self.prompt_cache.size})")
+            raise PECError(
+                f"{len(missing)} new prompts in one call exceed model.prompt_cache ({self.prompt_cache.size})"
+            )
         if missing:
             with torch.no_grad(), self._text_encoders_on_device():
                 for prompt in missing:

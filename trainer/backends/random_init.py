@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -28,33 +28,52 @@ class PipelineSpec:
     transformer: dict[str, Any]
     vae: dict[str, Any]
     clip: dict[str, Any]
-    clip_2: Optional[dict[str, Any]]
-    t5: Optional[dict[str, Any]]
+    clip_2: dict[str, Any] | None
+    t5: dict[str, Any] | None
     clip_max_length: int = 77
     defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _vae(blocks: tuple[int, ...], layers: int, groups: int, scaling: float, shift: float) -> dict[str, Any]:
     return dict(
-        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=blocks, layers_per_block=layers,
-        down_block_types=("DownEncoderBlock2D",) * len(blocks), up_block_types=("UpDecoderBlock2D",) * len(blocks),
-        norm_num_groups=groups, scaling_factor=scaling, shift_factor=shift, use_quant_conv=False,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=blocks,
+        layers_per_block=layers,
+        down_block_types=("DownEncoderBlock2D",) * len(blocks),
+        up_block_types=("UpDecoderBlock2D",) * len(blocks),
+        norm_num_groups=groups,
+        scaling_factor=scaling,
+        shift_factor=shift,
+        use_quant_conv=False,
         use_post_quant_conv=False,
-    )  # fmt: skip
+    )
 
 
 def _clip(hidden: int, layers: int, heads: int, act: str = "quick_gelu", vocab: int = 49408) -> dict[str, Any]:
     return dict(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, projection_dim=hidden, hidden_act=act,
-    )  # fmt: skip
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        projection_dim=hidden,
+        hidden_act=act,
+    )
 
 
 def _t5(d_model: int, d_ff: int, d_kv: int, heads: int, layers: int, vocab: int = 32128) -> dict[str, Any]:
     return dict(
-        vocab_size=vocab, d_model=d_model, d_ff=d_ff, d_kv=d_kv, num_heads=heads, num_layers=layers,
-        feed_forward_proj="gated-gelu", is_encoder_decoder=False,
-    )  # fmt: skip
+        vocab_size=vocab,
+        d_model=d_model,
+        d_ff=d_ff,
+        d_kv=d_kv,
+        num_heads=heads,
+        num_layers=layers,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+    )
 
 
 _SD3_VAE = _vae((128, 256, 512, 512), 2, 32, scaling=1.5305, shift=0.0609)
@@ -73,11 +92,20 @@ SPECS: dict[str, PipelineSpec] = {
     "sd3.5-medium": PipelineSpec(
         family="sd3",
         transformer=dict(
-            sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-            num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-            pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm",
+            sample_size=128,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=24,
+            attention_head_dim=64,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            caption_projection_dim=1536,
+            pooled_projection_dim=2048,
+            pos_embed_max_size=384,
+            qk_norm="rms_norm",
             dual_attention_layers=tuple(range(13)),
-        ),  # fmt: skip
+        ),
         vae=_SD3_VAE,
         clip=_clip(768, 12, 12),
         clip_2=_clip(1280, 32, 20, act="gelu"),
@@ -86,10 +114,17 @@ SPECS: dict[str, PipelineSpec] = {
     "flux.1-dev": PipelineSpec(
         family="flux",
         transformer=dict(
-            patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+            patch_size=1,
+            in_channels=64,
+            num_layers=19,
+            num_single_layers=38,
+            attention_head_dim=128,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            pooled_projection_dim=768,
+            guidance_embeds=True,
             axes_dims_rope=(16, 56, 56),
-        ),  # fmt: skip
+        ),
         vae=_FLUX_VAE,
         clip=_clip(768, 12, 12),
         clip_2=None,
@@ -98,10 +133,20 @@ SPECS: dict[str, PipelineSpec] = {
     "tiny-sd3.5": PipelineSpec(
         family="sd3",
         transformer=dict(
-            sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
-            pos_embed_max_size=8, qk_norm="rms_norm", dual_attention_layers=(0,),
-        ),  # fmt: skip
+            sample_size=16,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            caption_projection_dim=32,
+            pooled_projection_dim=32,
+            pos_embed_max_size=8,
+            qk_norm="rms_norm",
+            dual_attention_layers=(0,),
+        ),
         clip=_clip(16, 2, 2, vocab=0),
         clip_2=_clip(16, 2, 2, vocab=0),
         **_TINY,
@@ -109,10 +154,17 @@ SPECS: dict[str, PipelineSpec] = {
     "tiny-flux": PipelineSpec(
         family="flux",
         transformer=dict(
-            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+            patch_size=1,
+            in_channels=64,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            guidance_embeds=True,
             axes_dims_rope=(4, 6, 6),
-        ),  # fmt: skip
+        ),
         clip=_clip(32, 2, 2, vocab=0),
         clip_2=None,
         **_TINY,
@@ -152,9 +204,13 @@ def t5_tokenizer(max_length: int = 512):
     tok.decoder = decoders.Metaspace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return T5TokenizerFast(
-        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0,
+        tokenizer_object=tok,
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_ids=0,
         model_max_length=max_length,
-    )  # fmt: skip
+    )
 
 
 # ----------------------------------------------------------------------------- build / save
@@ -168,7 +224,9 @@ def _text_encoder(cls, config_cls, config: dict[str, Any], tokenizer, device, dt
         # CLIP pools at the EOS token: give the config the tokenizer's ids.
         eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
         bos = tokenizer.convert_tokens_to_ids(tokenizer.bos_token)
-        config.update(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, max_position_embeddings=tokenizer.model_max_length)
+        config.update(
+            bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, max_position_embeddings=tokenizer.model_max_length
+        )
     return cls(config_cls(**config)).to(device, dtype).eval()
 
 
@@ -194,27 +252,36 @@ def build_pipeline(spec: PipelineSpec | str, seed: int = 0, device="cpu", dtype:
         parts: dict[str, Any] = dict(transformer=transformer, vae=vae, tokenizer=clip_tok)
         if spec.family == "sd3":
             parts.update(
-                text_encoder=_text_encoder(CLIPTextModelWithProjection, CLIPTextConfig, spec.clip, clip_tok, device, dtype),
-                text_encoder_2=_text_encoder(CLIPTextModelWithProjection, CLIPTextConfig, spec.clip_2, clip_tok, device, dtype),
+                text_encoder=_text_encoder(
+                    CLIPTextModelWithProjection, CLIPTextConfig, spec.clip, clip_tok, device, dtype
+                ),
+                text_encoder_2=_text_encoder(
+                    CLIPTextModelWithProjection, CLIPTextConfig, spec.clip_2, clip_tok, device, dtype
+                ),
                 tokenizer_2=clip_tokenizer(spec.clip_max_length),
-                text_encoder_3=_text_encoder(T5EncoderModel, T5Config, spec.t5, t5_tok, device, dtype) if spec.t5 else None,
+                text_encoder_3=_text_encoder(T5EncoderModel, T5Config, spec.t5, t5_tok, device, dtype)
+                if spec.t5
+                else None,
                 tokenizer_3=t5_tok if spec.t5 else None,
                 scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
-            )  # fmt: skip
+            )
             return diffusers.StableDiffusion3Pipeline(**parts)
         parts.update(
             text_encoder=_text_encoder(CLIPTextModel, CLIPTextConfig, spec.clip, clip_tok, device, dtype),
             text_encoder_2=_text_encoder(T5EncoderModel, T5Config, spec.t5, t5_tok, device, dtype),
             tokenizer_2=t5_tok,
             scheduler=diffusers.FlowMatchEulerDiscreteScheduler(
-                use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                use_dynamic_shifting=True,
+                base_shift=0.5,
+                max_shift=1.15,
+                base_image_seq_len=256,
                 max_image_seq_len=4096,
             ),
-        )  # fmt: skip
+        )
         return diffusers.FluxPipeline(**parts)
 
 
-def save_pipeline(pipe, directory: str | Path, defaults: Optional[dict[str, Any]] = None) -> Path:
+def save_pipeline(pipe, directory: str | Path, defaults: dict[str, Any] | None = None) -> Path:
     """``save_pretrained`` (safetensors) plus the CLIP tokenizers' vocab.json / merges.txt and ``pec.json``."""
     from trainer.toy.model import write_tokenizer_files
 

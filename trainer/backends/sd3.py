@@ -8,7 +8,7 @@ SD3 does: ``z = (vae_mean - shift_factor) · scaling_factor``. The transformer t
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -43,7 +43,7 @@ class SD3Backend(PipelineBackend):
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
     @classmethod
-    def optional_components(cls, use_t5: Optional[bool]) -> dict[str, None]:
+    def optional_components(cls, use_t5: bool | None) -> dict[str, None]:
         return {} if use_t5 else {"text_encoder_3": None, "tokenizer_3": None}
 
     # ---- text ---------------------------------------------------------------------------------
@@ -67,7 +67,7 @@ class SD3Backend(PipelineBackend):
         sigma: Sigma,
         cond: PromptEmbeds,
         guidance_scale: float = 1.0,
-        uncond: Optional[PromptEmbeds] = None,
+        uncond: PromptEmbeds | None = None,
     ) -> torch.Tensor:
         batch = latents.shape[0]
         dtype = self.dtype
@@ -102,4 +102,3 @@ class SD3Backend(PipelineBackend):
 
     def schedule(self, num_steps: int, height: int, width: int) -> torch.Tensor:
         return sd3_schedule(num_steps, shift=float(self.defaults["shift"]))
-

@@ -19,8 +19,8 @@ name                      definition                                            
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -30,7 +30,7 @@ RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 
 
 def _toy(name: str) -> Callable[..., RewardFn]:
-    def factory(path: Optional[str] = None, device=None) -> RewardFn:
+    def factory(path: str | None = None, device=None) -> RewardFn:
         if path is not None:
             raise PECError(f"reward {name!r} is model-free: it takes no path (got {path!r})")
         from trainer.toy import rewards
@@ -43,7 +43,7 @@ def _toy(name: str) -> Callable[..., RewardFn]:
 def _model(module: str, cls: str) -> Callable[..., RewardFn]:
     """A factory that imports ``trainer.rewards.<module>`` only when the reward is built."""
 
-    def factory(path: Optional[str] = None, device=None) -> RewardFn:
+    def factory(path: str | None = None, device=None) -> RewardFn:
         from importlib import import_module
 
         return getattr(import_module(f"trainer.rewards.{module}"), cls)(path=path, device=device)

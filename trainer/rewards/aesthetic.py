@@ -13,8 +13,6 @@ from the same directory, or — with no ``path`` — from the URL the project pu
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -32,15 +30,16 @@ HEAD_WIDTHS, HEAD_DROPOUTS = (1024, 128, 64, 16, 1), (0.5, 0.5, 0.5, 0.2, None)
 class AestheticV25(ModelReward):
     """Aesthetic score v2.5 ``[B]`` (the prompts are not used)."""
 
-    def __init__(self, path: Optional[str] = None, device=None, batch_size: int = 16):
+    def __init__(self, path: str | None = None, device=None, batch_size: int = 16):
         from transformers import SiglipVisionModel
 
         from comfy_pec.pretrained import load_model, resolve_file
 
         super().__init__(device, batch_size)
         what = "reward 'aesthetic'"
-        self.encoder = load_model(SiglipVisionModel, path or ENCODER_ID, ("siglip", "siglip_vision_model"), what,
-                                  self.device)  # fmt: skip
+        self.encoder = load_model(
+            SiglipVisionModel, path or ENCODER_ID, ("siglip", "siglip_vision_model"), what, self.device
+        )
         # the head sits beside a local SigLIP model; the published one is a GitHub file, not on the hub
         if path:
             head_file = resolve_file(path, HEAD_FILE, what)

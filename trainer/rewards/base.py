@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -47,7 +47,7 @@ class ModelReward:
         raise NotImplementedError
 
 
-def linear_stack(dim: int, widths: Sequence[int], dropouts: Sequence[Optional[float]]) -> torch.nn.Sequential:
+def linear_stack(dim: int, widths: Sequence[int], dropouts: Sequence[float | None]) -> torch.nn.Sequential:
     """``Linear(dim, widths[0]) [Dropout] Linear(widths[0], widths[1]) ...`` with no activation — the
     head of Aesthetic v2.5 and of ImageReward; ``dropouts[i]`` (or None) follows linear i, so the
     Sequential indices match their published state dicts."""
@@ -68,7 +68,7 @@ def load_torch_file(path, what: str):
         raise PECError(f"{what}: cannot read {path} as a torch checkpoint ({str(err).splitlines()[0]})") from None
 
 
-def load_tokenizer(path: Optional[str], fallback: str, what: str, cls: str = "AutoTokenizer"):
+def load_tokenizer(path: str | None, fallback: str, what: str, cls: str = "AutoTokenizer"):
     """A transformers tokenizer (class ``cls``) from the model's own directory / hub repo when it
     ships one, else from ``fallback`` (the hub repo the model's authors tokenise with)."""
     import transformers

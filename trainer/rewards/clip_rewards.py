@@ -19,8 +19,6 @@ PickScore), padded, truncated at 77 tokens.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -35,19 +33,23 @@ class _CLIPSimilarity(ModelReward):
     kind: str
     tokenizer_fallback: str
 
-    def __init__(self, path: Optional[str] = None, device=None, batch_size: int = 32):
+    def __init__(self, path: str | None = None, device=None, batch_size: int = 32):
         super().__init__(device, batch_size)
         self.tower = shared_tower(self.kind, path, self.device)
-        self.tokenizer = load_tokenizer(path or TOWERS[self.kind].default, self.tokenizer_fallback,
-                                        f"reward {self.kind!r}")
+        self.tokenizer = load_tokenizer(
+            path or TOWERS[self.kind].default, self.tokenizer_fallback, f"reward {self.kind!r}"
+        )
 
     def text_features(self, prompts: list[str]) -> torch.Tensor:
         """Projected text embeds ``[B, D]`` float32."""
         model = self.tower.model
         max_length = model.config.text_config.max_position_embeddings
         tokens = self.tokenizer(prompts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        return pooled_output(model.get_text_features(input_ids=tokens.input_ids.to(self.device),
-                                               attention_mask=tokens.attention_mask.to(self.device))).float()
+        return pooled_output(
+            model.get_text_features(
+                input_ids=tokens.input_ids.to(self.device), attention_mask=tokens.attention_mask.to(self.device)
+            )
+        ).float()
 
     def cosine(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """``cos(img, txt)`` per pair ``[B]``; the image features come from the shared tower's memo

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -30,7 +29,7 @@ HUB_ID, CHECKPOINT, ARCH = "xswu/HPSv2", "HPS_v2.1_compressed.pt", "ViT-H-14"
 class HPSv21(ModelReward):
     """``cos(img, txt)`` of the HPS v2.1 open_clip model; ``path``: hub id, checkpoint or directory."""
 
-    def __init__(self, path: Optional[str] = None, device=None, batch_size: int = 16):
+    def __init__(self, path: str | None = None, device=None, batch_size: int = 16):
         import open_clip
         from open_clip.model import CLIP
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -103,18 +102,29 @@ def blip_configs(original: dict[str, torch.Tensor], med_config: dict):
         raise PECError(f"not an ImageReward checkpoint: no {err.args[0]}") from None
     depth = 1 + max(int(m.group(1)) for k in original if (m := re.match(re.escape(prefix) + r"blocks\.(\d+)\.", k)))
     vision = BlipVisionConfig(
-        hidden_size=width, intermediate_size=hidden, num_hidden_layers=depth, num_attention_heads=width // 64,
-        image_size=round((tokens - 1) ** 0.5) * patch, patch_size=patch, hidden_act="gelu", layer_norm_eps=1e-6,
-    )  # fmt: skip
+        hidden_size=width,
+        intermediate_size=hidden,
+        num_hidden_layers=depth,
+        num_attention_heads=width // 64,
+        image_size=round((tokens - 1) ** 0.5) * patch,
+        patch_size=patch,
+        hidden_act="gelu",
+        layer_norm_eps=1e-6,
+    )
     m = med_config
     text = BlipTextConfig(
-        vocab_size=m["vocab_size"], hidden_size=m["hidden_size"], intermediate_size=m["intermediate_size"],
-        num_hidden_layers=m["num_hidden_layers"], num_attention_heads=m["num_attention_heads"],
-        max_position_embeddings=m["max_position_embeddings"], hidden_act=m.get("hidden_act", "gelu"),
-        layer_norm_eps=m.get("layer_norm_eps", 1e-12), pad_token_id=m.get("pad_token_id", 0),
+        vocab_size=m["vocab_size"],
+        hidden_size=m["hidden_size"],
+        intermediate_size=m["intermediate_size"],
+        num_hidden_layers=m["num_hidden_layers"],
+        num_attention_heads=m["num_attention_heads"],
+        max_position_embeddings=m["max_position_embeddings"],
+        hidden_act=m.get("hidden_act", "gelu"),
+        layer_norm_eps=m.get("layer_norm_eps", 1e-12),
+        pad_token_id=m.get("pad_token_id", 0),
         encoder_hidden_size=width,  # BLIP replaces med's encoder_width by the ViT width
         is_decoder=True,  # builds the cross-attention layers; the forward runs bidirectionally
-    )  # fmt: skip
+    )
     return vision, text
 
 
@@ -133,8 +143,13 @@ class ImageRewardModel(torch.nn.Module):
         """Prompt-conditioned ``[CLS]`` feature ``f`` ``[B, 768]`` of preprocessed pixels and tokens."""
         image = self.vision(pixel_values=pixels).last_hidden_state
         image_mask = torch.ones(image.shape[:-1], dtype=torch.long, device=image.device)
-        out = self.text(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image,
-                        encoder_attention_mask=image_mask, is_decoder=False)  # fmt: skip
+        out = self.text(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image,
+            encoder_attention_mask=image_mask,
+            is_decoder=False,
+        )
         return out.last_hidden_state[:, 0, :].float()
 
     def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -154,7 +169,7 @@ class ImageRewardModel(torch.nn.Module):
         return model
 
 
-def load_tokenizer_with_specials(path: Optional[str]):
+def load_tokenizer_with_specials(path: str | None):
     """BLIP's tokenizer: bert-base-uncased plus ``[DEC]`` (bos) and ``[ENC]`` special tokens."""
     tokenizer = load_tokenizer(path, TOKENIZER_ID, "reward 'imagereward'", cls="BertTokenizer")
     tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
@@ -164,7 +179,7 @@ def load_tokenizer_with_specials(path: Optional[str]):
 class ImageReward(ModelReward):
     """ImageReward v1.0 score ``[B]``; ``path``: hub id or a directory with the hub repo's files."""
 
-    def __init__(self, path: Optional[str] = None, device=None, batch_size: int = 16):
+    def __init__(self, path: str | None = None, device=None, batch_size: int = 16):
         from comfy_pec.pretrained import is_local, resolve_file
 
         super().__init__(device, batch_size)
@@ -183,8 +198,9 @@ class ImageReward(ModelReward):
         self.tokenizer = load_tokenizer_with_specials(str(local_dir) if local_dir else None)
 
     def _inputs(self, images: torch.Tensor, prompts: list[str]):
-        tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=MAX_LENGTH,
-                                return_tensors="pt")  # fmt: skip
+        tokens = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=MAX_LENGTH, return_tensors="pt"
+        )
         return self.pixels(images, self.device), tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
 
     @torch.no_grad()

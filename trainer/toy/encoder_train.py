@@ -43,13 +43,19 @@ from .world import (
 
 DEFAULT_ENCODER_PATH = ASSETS_DIR / "toy_encoder.safetensors"
 
-ENCODER_TRAIN_DEFAULTS = dict(seed=0, n_images=20_000, steps=1500, batch_size=128, lr=2e-3,
-                              weight_decay=1e-4, bins=8, p_second=0.25)
+ENCODER_TRAIN_DEFAULTS = dict(
+    seed=0, n_images=20_000, steps=1500, batch_size=128, lr=2e-3, weight_decay=1e-4, bins=8, p_second=0.25
+)
 
 #: per object: (name, low, high, circular); normalised to [0, 1] over [low, high].
-_OBJECT_ATTRS = (("cx", 0.0, 1.0, False), ("cy", 0.0, 1.0, False), ("size", 0.10, 0.33, False),
-                 ("saturation", *SATURATION_RANGE, False), ("shade", *SHADE_RANGE, False),
-                 ("rotation", 0.0, 1.0, True))
+_OBJECT_ATTRS = (
+    ("cx", 0.0, 1.0, False),
+    ("cy", 0.0, 1.0, False),
+    ("size", 0.10, 0.33, False),
+    ("saturation", *SATURATION_RANGE, False),
+    ("shade", *SHADE_RANGE, False),
+    ("rotation", 0.0, 1.0, True),
+)
 _N_CONT = 2 * len(_OBJECT_ATTRS) + 3  # two objects + background luma, tint a, tint b
 _CLASS_SIZES = (len(SHAPES), len(COLOUR_NAMES), len(SHAPES) + 1, len(COLOUR_NAMES) + 1)
 
@@ -76,8 +82,11 @@ def scene_labels(scenes: list[Scene]) -> tuple[torch.Tensor, torch.Tensor, torch
         r, g, b = sc.background
         tint_a = r - 0.5 * (g + b)
         tint_b = math.sqrt(3.0) / 2.0 * (g - b)
-        val += [(sc.bg_luma - BG_LUMA_RANGE[0]) / (BG_LUMA_RANGE[1] - BG_LUMA_RANGE[0]),
-                0.5 + tint_a / (2 * BG_TINT_MAX), 0.5 + tint_b / (2 * BG_TINT_MAX)]
+        val += [
+            (sc.bg_luma - BG_LUMA_RANGE[0]) / (BG_LUMA_RANGE[1] - BG_LUMA_RANGE[0]),
+            0.5 + tint_a / (2 * BG_TINT_MAX),
+            0.5 + tint_b / (2 * BG_TINT_MAX),
+        ]
         msk += [True] * 3
         classes.append(cls)
         values.append([min(max(v, 0.0), 1.0) for v in val])
@@ -124,13 +133,22 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 def encode(encoder, images_u8: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Features [N, dim] of uint8 images [N, 3, H, W]."""
     dev = next(encoder.parameters()).device
-    return torch.cat([encoder(images_u8[i:i + batch_size].to(dev).float() / 255.0).cpu()
-                      for i in range(0, len(images_u8), batch_size)])
+    return torch.cat(
+        [
+            encoder(images_u8[i : i + batch_size].to(dev).float() / 255.0).cpu()
+            for i in range(0, len(images_u8), batch_size)
+        ]
+    )
 
 
-def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
-                          test_y: torch.Tensor, weight_decay: float = 1e-3,
-                          max_iter: int = 500) -> float:
+def linear_probe_accuracy(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    weight_decay: float = 1e-3,
+    max_iter: int = 500,
+) -> float:
     """Accuracy on ``test_x`` [M, D] / ``test_y`` [M] of a multinomial logistic-regression probe
     fitted (L-BFGS from zero, features standardised with the training statistics, L2 penalty
     ``weight_decay``) on ``train_x`` [N, D] / labels ``train_y`` [N]. Deterministic."""
@@ -153,15 +171,15 @@ def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: 
         return float(((xb @ w + b).argmax(1) == test_y).double().mean())
 
 
-def probe_report(encoder, seed: int = 1, n_train: int = 2000, n_test: int = 1000,
-                 workers: int = 2, progress: bool = False) -> dict:
+def probe_report(
+    encoder, seed: int = 1, n_train: int = 2000, n_test: int = 1000, workers: int = 2, progress: bool = False
+) -> dict:
     """Linear-probe accuracies of shape and colour on single-object images of every pair,
     fitted on ``n_train`` images of one seed and tested on ``n_test`` images of another."""
     out = {}
     data = {}
     for part, n, s in (("train", n_train, seed * 1000 + 1), ("test", n_test, seed * 1000 + 2)):
-        imgs, _, scenes = render_dataset(n, s, split="all", p_second=0.0, workers=workers,
-                                         progress=progress)
+        imgs, _, scenes = render_dataset(n, s, split="all", p_second=0.0, workers=workers, progress=progress)
         data[part] = (encode(encoder, imgs), scene_labels(scenes)[0])
     (xa, ya), (xb, yb) = data["train"], data["test"]
     out["shape_accuracy"] = linear_probe_accuracy(xa, ya[:, 0], xb, yb[:, 0])
@@ -169,8 +187,14 @@ def probe_report(encoder, seed: int = 1, n_train: int = 2000, n_test: int = 1000
     return out
 
 
-def train_encoder(out_path: str | Path = DEFAULT_ENCODER_PATH, *, device: str = "cpu",
-                  workers: int = 2, progress: bool = True, **overrides) -> dict:
+def train_encoder(
+    out_path: str | Path = DEFAULT_ENCODER_PATH,
+    *,
+    device: str = "cpu",
+    workers: int = 2,
+    progress: bool = True,
+    **overrides,
+) -> dict:
     """Train a :class:`ToyEncoder` from scratch, save it to ``out_path`` (+ ``.json``), and return
     a report (wall time per phase, final loss, linear-probe accuracies on fresh images).
 
@@ -180,12 +204,12 @@ def train_encoder(out_path: str | Path = DEFAULT_ENCODER_PATH, *, device: str = 
     if unknown:
         raise TypeError(f"unknown encoder-training settings {sorted(unknown)}")
     r = {**ENCODER_TRAIN_DEFAULTS, **overrides}
-    seed, n_images, steps, batch_size, bins = (int(r[k]) for k in
-                                               ("seed", "n_images", "steps", "batch_size", "bins"))
+    seed, n_images, steps, batch_size, bins = (int(r[k]) for k in ("seed", "n_images", "steps", "batch_size", "bins"))
     report: dict = {"recipe": r, "time_s": {}}
     t0 = time.perf_counter()
-    images, _, scenes = render_dataset(n_images, seed, split="all", p_second=r["p_second"],
-                                       workers=workers, progress=progress)
+    images, _, scenes = render_dataset(
+        n_images, seed, split="all", p_second=r["p_second"], workers=workers, progress=progress
+    )
     classes, values, masks = scene_labels(scenes)
     targets = population_code(values, bins, _circular())
     report["time_s"]["data"] = round(time.perf_counter() - t0, 1)
@@ -204,10 +228,10 @@ def train_encoder(out_path: str | Path = DEFAULT_ENCODER_PATH, *, device: str = 
         idx = torch.randint(n_images, (batch_size,), generator=gen)
         x = augment(images[idx].float() / 255.0, gen).to(device)
         out = heads(encoder(x))
-        logits = out[:, :sum(_CLASS_SIZES)].split(_CLASS_SIZES, 1)
+        logits = out[:, : sum(_CLASS_SIZES)].split(_CLASS_SIZES, 1)
         cls = classes[idx].to(device)
         loss = sum(F.cross_entropy(lg, cls[:, k]) for k, lg in enumerate(logits))
-        pop = out[:, sum(_CLASS_SIZES):].reshape(batch_size, _N_CONT, bins).log_softmax(-1)
+        pop = out[:, sum(_CLASS_SIZES) :].reshape(batch_size, _N_CONT, bins).log_softmax(-1)
         ce = -(targets[idx].to(device) * pop).sum(-1)  # [B, M]
         m = masks[idx].to(device).float()
         loss = loss + (ce * m).sum() / batch_size  # every head counts alike

@@ -33,10 +33,18 @@ def data_images(prompt: str, n: int, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255.0
 
 
-def evaluate_toy_model(model_dir: str | Path = DEFAULT_MODEL_DIR, prompts=None, n: int = 64,
-                       seed: int = 0, *, num_steps: int | None = None,
-                       guidance_scale: float | None = None, backend=None, encoder=None,
-                       progress: bool = True) -> dict:
+def evaluate_toy_model(
+    model_dir: str | Path = DEFAULT_MODEL_DIR,
+    prompts=None,
+    n: int = 64,
+    seed: int = 0,
+    *,
+    num_steps: int | None = None,
+    guidance_scale: float | None = None,
+    backend=None,
+    encoder=None,
+    progress: bool = True,
+) -> dict:
     """Adherence and Vendi ratio of the model in ``model_dir`` on ``prompts`` (default: the
     held-out prompts), ``n`` samples each (sample j of every prompt uses seed ``seed + j``).
 
@@ -53,8 +61,15 @@ def evaluate_toy_model(model_dir: str | Path = DEFAULT_MODEL_DIR, prompts=None, 
     results, elapsed = {}, 0.0
     for k, prompt in enumerate(prompts):
         t0 = time.perf_counter()
-        images = sample_images(backend, [prompt] * n, seeds, num_steps=num_steps,
-                               guidance_scale=guidance_scale, batch_size=64, progress=False)
+        images = sample_images(
+            backend,
+            [prompt] * n,
+            seeds,
+            num_steps=num_steps,
+            guidance_scale=guidance_scale,
+            batch_size=64,
+            progress=False,
+        )
         elapsed += time.perf_counter() - t0
         data = data_images(prompt, n, seed=seed * 1000 + k)
         with torch.no_grad():
@@ -63,13 +78,21 @@ def evaluate_toy_model(model_dir: str | Path = DEFAULT_MODEL_DIR, prompts=None, 
         results[prompt] = dict(
             adherence=float(adherence_reward(images, prompt).mean()),
             adherence_data=float(adherence_reward(data, prompt).mean()),
-            vendi=v_model, vendi_data=v_data, vendi_ratio=v_model / v_data)
+            vendi=v_model,
+            vendi_data=v_data,
+            vendi_ratio=v_model / v_data,
+        )
         if progress:
             r = results[prompt]
-            print(f"{prompt:<40} adherence {r['adherence']:.3f} (data {r['adherence_data']:.3f})  "
-                  f"vendi {v_model:.2f} / {v_data:.2f} = {r['vendi_ratio']:.2f}")
+            print(
+                f"{prompt:<40} adherence {r['adherence']:.3f} (data {r['adherence_data']:.3f})  "
+                f"vendi {v_model:.2f} / {v_data:.2f} = {r['vendi_ratio']:.2f}"
+            )
     ratios = [r["vendi_ratio"] for r in results.values()]
-    return dict(prompts=results,
-                mean_adherence=float(np.mean([r["adherence"] for r in results.values()])),
-                mean_vendi_ratio=float(np.mean(ratios)), min_vendi_ratio=float(np.min(ratios)),
-                sampling_s=elapsed)
+    return dict(
+        prompts=results,
+        mean_adherence=float(np.mean([r["adherence"] for r in results.values()])),
+        mean_vendi_ratio=float(np.mean(ratios)),
+        min_vendi_ratio=float(np.min(ratios)),
+        sampling_s=elapsed,
+    )

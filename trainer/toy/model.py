@@ -47,16 +47,55 @@ RESOLUTION = 64
 
 #: every word the grammar writes or :func:`trainer.toy.world.parse_prompt` accepts (synonyms,
 #: plurals, fillers), each of which becomes a single token.
-VOCABULARY: tuple[str, ...] = tuple(sorted(set(
-    list(SHAPES) + [s + ("es" if s.endswith("ss") else "s") for s in SHAPES]
-    + ["plus", "disc", "disk"]
-    + list(COLOURS) + ["violet", "turquoise"]
-    + list(SIZE_WORDS) + ["little", "tiny", "big", "huge"]
-    + ["a", "an", "the", "on", "at", "in", "to", "of", "and", "with", "next", "beside",
-       "left", "right", "top", "bottom", "centre", "center", "middle", "centred", "centered",
-       "above", "over", "below", "under", "beneath",
-       "image", "picture", "photo", "drawing", "render", "colour", "color", "shape"]
-)))
+VOCABULARY: tuple[str, ...] = tuple(
+    sorted(
+        set(
+            list(SHAPES)
+            + [s + ("es" if s.endswith("ss") else "s") for s in SHAPES]
+            + ["plus", "disc", "disk"]
+            + list(COLOURS)
+            + ["violet", "turquoise"]
+            + list(SIZE_WORDS)
+            + ["little", "tiny", "big", "huge"]
+            + [
+                "a",
+                "an",
+                "the",
+                "on",
+                "at",
+                "in",
+                "to",
+                "of",
+                "and",
+                "with",
+                "next",
+                "beside",
+                "left",
+                "right",
+                "top",
+                "bottom",
+                "centre",
+                "center",
+                "middle",
+                "centred",
+                "centered",
+                "above",
+                "over",
+                "below",
+                "under",
+                "beneath",
+                "image",
+                "picture",
+                "photo",
+                "drawing",
+                "render",
+                "colour",
+                "color",
+                "shape",
+            ]
+        )
+    )
+)
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -68,8 +107,9 @@ MODEL_MAX_LENGTH = 16
 def _bytes_to_unicode() -> dict[int, str]:
     """The byte -> printable-character table of byte-level BPE (GPT-2 / CLIP): printable Latin-1
     bytes map to themselves, the others to code points from 256 upwards."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     table, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -138,8 +178,7 @@ def build_tokenizer(words=VOCABULARY):
     from transformers import CLIPTokenizer
 
     vocab, merges = tokenizer_files(words)
-    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges],
-                         model_max_length=MODEL_MAX_LENGTH)
+    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=MODEL_MAX_LENGTH)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,9 +255,13 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=PEC_DEFAULTS["shift"])
 # ----------------------------------------------------------------------------------------------
 
 
-def build_pipeline(seed: int = 0, transformer_config: dict | None = None,
-                   vae_config: dict | None = None, text_encoder_config: dict | None = None,
-                   shift: float | None = None):
+def build_pipeline(
+    seed: int = 0,
+    transformer_config: dict | None = None,
+    vae_config: dict | None = None,
+    text_encoder_config: dict | None = None,
+    shift: float | None = None,
+):
     """A randomly initialised tiny ``StableDiffusion3Pipeline`` (float32, CPU, eval mode).
 
     The optional dicts override entries of the module configs; ``seed`` fixes every init.
@@ -237,13 +280,17 @@ def build_pipeline(seed: int = 0, transformer_config: dict | None = None,
     text_encoder_2 = CLIPTextModelWithProjection(text_cfg)
     vae = AutoencoderKL(**{**VAE_CONFIG, **(vae_config or {})})
     transformer = SD3Transformer2DModel(**{**TRANSFORMER_CONFIG, **(transformer_config or {})})
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        **{**SCHEDULER_CONFIG, **({} if shift is None else {"shift": shift})})
+    scheduler = FlowMatchEulerDiscreteScheduler(**{**SCHEDULER_CONFIG, **({} if shift is None else {"shift": shift})})
     pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=scheduler, vae=vae,
-        text_encoder=text_encoder, tokenizer=build_tokenizer(),
-        text_encoder_2=text_encoder_2, tokenizer_2=build_tokenizer(),
-        text_encoder_3=None, tokenizer_3=None,
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=build_tokenizer(),
+        text_encoder_3=None,
+        tokenizer_3=None,
     )
     for module in (text_encoder, text_encoder_2, vae, transformer):
         module.eval()
@@ -267,9 +314,9 @@ def load_pipeline(directory: str | Path = DEFAULT_MODEL_DIR, dtype: torch.dtype 
     from diffusers import StableDiffusion3Pipeline
 
     # T5 is absent: SD3 lists it as a required component, so it is passed as None explicitly
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(directory), torch_dtype=dtype,
-                                                    text_encoder_3=None, tokenizer_3=None,
-                                                    local_files_only=True)
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        str(directory), torch_dtype=dtype, text_encoder_3=None, tokenizer_3=None, local_files_only=True
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -66,25 +66,31 @@ def _render_chunk(args) -> tuple[np.ndarray, list[str], list[Scene]]:
     kwargs, start, stop = args
     ds = ShapesDataset(**kwargs, as_tensor=False)
     scenes = [ds.scene(i) for i in range(start, stop)]
-    return (np.stack([render(sc, ds.size) for sc in scenes]),
-            [ds.caption(i) for i in range(start, stop)], scenes)
+    return (np.stack([render(sc, ds.size) for sc in scenes]), [ds.caption(i) for i in range(start, stop)], scenes)
 
 
-def render_dataset(n: int, seed: int, *, p_second: float = 0.2, p_size: float = 0.3,
-                   p_position: float = 0.3, split: str = "train", workers: int = 2,
-                   chunk: int = 1000, progress: bool = True
-                   ) -> tuple[torch.Tensor, list[str], list[Scene]]:
+def render_dataset(
+    n: int,
+    seed: int,
+    *,
+    p_second: float = 0.2,
+    p_size: float = 0.3,
+    p_position: float = 0.3,
+    split: str = "train",
+    workers: int = 2,
+    chunk: int = 1000,
+    progress: bool = True,
+) -> tuple[torch.Tensor, list[str], list[Scene]]:
     """Items ``0..n-1`` of a :class:`ShapesDataset`: uint8 images [n, 3, 64, 64], captions, scenes.
 
     Rendered in ``workers`` processes; the result does not depend on ``workers`` or ``chunk``.
     """
-    kwargs = dict(n=n, seed=seed, split=split, p_second=p_second, p_size=p_size,
-                  p_position=p_position)
+    kwargs = dict(n=n, seed=seed, split=split, p_second=p_second, p_size=p_size, p_position=p_position)
     jobs = [(kwargs, s, min(s + chunk, n)) for s in range(0, n, chunk)]
     images, captions, scenes = [], [], []
     bar = tqdm(total=n, desc="render", unit="img", disable=not progress)
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
-    for imgs, caps, scs in (pool.map(_render_chunk, jobs) if pool else map(_render_chunk, jobs)):
+    for imgs, caps, scs in pool.map(_render_chunk, jobs) if pool else map(_render_chunk, jobs):
         images.append(imgs)
         captions += caps
         scenes += scs
@@ -113,9 +119,19 @@ def _cosine_lr(step: int, steps: int, warmup: int, floor: float = 0.1) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def train_vae(vae, images_u8: torch.Tensor, *, steps: int, batch_size: int, lr: float,
-              kl_weight: float, latent_noise: float, seed: int, device="cpu",
-              progress: bool = True) -> dict:
+def train_vae(
+    vae,
+    images_u8: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    kl_weight: float,
+    latent_noise: float,
+    seed: int,
+    device="cpu",
+    progress: bool = True,
+) -> dict:
     """Train ``vae`` in place on uint8 images [N, 3, H, W]; returns the final smoothed losses.
 
     Loss per batch: mean |x - D(z)| over pixels in [-1, 1], plus ``kl_weight`` times the KL to
@@ -131,7 +147,7 @@ def train_vae(vae, images_u8: torch.Tensor, *, steps: int, batch_size: int, lr: 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, steps, steps // 20))
     stats = {"l1": float("nan"), "kl": float("nan")}
     bar = tqdm(range(steps), desc="vae", disable=not progress)
-    for step in bar:
+    for _ in bar:
         idx = torch.randint(len(images_u8), (batch_size,), generator=gen)
         x = _to_float(images_u8[idx], device) * 2.0 - 1.0
         post = vae.encode(x).latent_dist
@@ -154,24 +170,21 @@ def train_vae(vae, images_u8: torch.Tensor, *, steps: int, batch_size: int, lr: 
 
 
 @torch.no_grad()
-def encode_latents(backend, images_u8: torch.Tensor, batch_size: int = 256,
-                   progress: bool = True) -> torch.Tensor:
+def encode_latents(backend, images_u8: torch.Tensor, batch_size: int = 256, progress: bool = True) -> torch.Tensor:
     """Scaled posterior-mean latents [N, C, h, w] of uint8 images (``backend.encode_images``)."""
     out = []
     for start in tqdm(range(0, len(images_u8), batch_size), desc="latents", disable=not progress):
-        out.append(backend.encode_images(_to_float(images_u8[start:start + batch_size],
-                                                   backend.device)).cpu())
+        out.append(backend.encode_images(_to_float(images_u8[start : start + batch_size], backend.device)).cpu())
     return torch.cat(out)
 
 
 @torch.no_grad()
-def calibrate_latent_scale(vae, images_u8: torch.Tensor, batch_size: int = 256,
-                           device="cpu") -> tuple[float, float]:
+def calibrate_latent_scale(vae, images_u8: torch.Tensor, batch_size: int = 256, device="cpu") -> tuple[float, float]:
     """Set the VAE's ``shift_factor`` / ``scaling_factor`` to the mean / 1/std of its posterior
     means over ``images_u8``; returns them."""
     means = []
     for start in range(0, len(images_u8), batch_size):
-        x = _to_float(images_u8[start:start + batch_size], device) * 2.0 - 1.0
+        x = _to_float(images_u8[start : start + batch_size], device) * 2.0 - 1.0
         means.append(vae.encode(x).latent_dist.mean.double().cpu())
     z = torch.cat(means)
     shift, scale = float(z.mean()), float(1.0 / z.std())
@@ -179,10 +192,23 @@ def calibrate_latent_scale(vae, images_u8: torch.Tensor, batch_size: int = 256,
     return shift, scale
 
 
-def train_flow(backend, latents: torch.Tensor, captions: list[str], *, steps: int,
-               batch_size: int, lr: float, weight_decay: float, warmup: int, ema_decay: float,
-               caption_dropout: float, logit_mean: float, logit_std: float, seed: int,
-               progress: bool = True) -> dict:
+def train_flow(
+    backend,
+    latents: torch.Tensor,
+    captions: list[str],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    warmup: int,
+    ema_decay: float,
+    caption_dropout: float,
+    logit_mean: float,
+    logit_std: float,
+    seed: int,
+    progress: bool = True,
+) -> dict:
     """Train the backend's transformer and both text encoders with the rectified-flow loss.
 
     ``latents``: scaled latents [N, C, h, w] (CPU); ``captions``: N strings. At the end the
@@ -236,9 +262,17 @@ def train_flow(backend, latents: torch.Tensor, captions: list[str], *, steps: in
 # ----------------------------------------------------------------------------------------------
 
 
-def pretrain(out_dir: str | Path, *, save_dtype: torch.dtype = torch.float16,
-             defaults: dict | None = None, device: str = "cpu", workers: int = 2,
-             init_from: str | Path | None = None, progress: bool = True, **overrides) -> dict:
+def pretrain(
+    out_dir: str | Path,
+    *,
+    save_dtype: torch.dtype = torch.float16,
+    defaults: dict | None = None,
+    device: str = "cpu",
+    workers: int = 2,
+    init_from: str | Path | None = None,
+    progress: bool = True,
+    **overrides,
+) -> dict:
     """Train the tiny SD3 pipeline from scratch and save it to ``out_dir``.
 
     ``overrides`` replace entries of :data:`PRETRAIN_DEFAULTS` (``seed``, ``n_images``,
@@ -272,25 +306,34 @@ def pretrain(out_dir: str | Path, *, save_dtype: torch.dtype = torch.float16,
         report["time_s"][name] = round(now - clock, 1)
         clock = now
 
-    images, captions, _ = render_dataset(r["n_images"], seed, p_second=r["p_second"],
-                                         workers=workers, progress=progress)
+    images, captions, _ = render_dataset(
+        r["n_images"], seed, p_second=r["p_second"], workers=workers, progress=progress
+    )
     lap("data")
 
     if init_from is None:
         pipe = build_pipeline(seed).to(device)
-        report["vae"] = train_vae(pipe.vae, images, steps=r["vae_steps"],
-                                  batch_size=r["vae_batch_size"], lr=r["vae_lr"],
-                                  kl_weight=r["kl_weight"], latent_noise=r["latent_noise"],
-                                  seed=seed + 1, device=device, progress=progress)
+        report["vae"] = train_vae(
+            pipe.vae,
+            images,
+            steps=r["vae_steps"],
+            batch_size=r["vae_batch_size"],
+            lr=r["vae_lr"],
+            kl_weight=r["kl_weight"],
+            latent_noise=r["latent_noise"],
+            seed=seed + 1,
+            device=device,
+            progress=progress,
+        )
         report["vae"]["shift_factor"], report["vae"]["scaling_factor"] = calibrate_latent_scale(
-            pipe.vae, images[:4096], device=device)
+            pipe.vae, images[:4096], device=device
+        )
     else:
         pipe = load_pipeline(init_from).to(device)
         report["vae"] = {"from": str(init_from)}
     pipe.vae.requires_grad_(False)
     # VAE check: reconstructions should keep shapes and colours (adherence ~ the originals')
-    val_images, val_captions, _ = render_dataset(256, seed + 1000, p_second=r["p_second"],
-                                                 workers=1, progress=False)
+    val_images, val_captions, _ = render_dataset(256, seed + 1000, p_second=r["p_second"], workers=1, progress=False)
     backend = SD3Backend(pipe, {**PEC_DEFAULTS, **(defaults or {})})
     with torch.no_grad():
         x = _to_float(val_images, device)
@@ -299,18 +342,30 @@ def pretrain(out_dir: str | Path, *, save_dtype: torch.dtype = torch.float16,
     report["vae"]["adherence_recon"] = float(adherence_reward(recon, val_captions).mean())
     report["vae"]["psnr"] = float(-10 * torch.log10(F.mse_loss(recon, x.cpu())))
     if progress:
-        tqdm.write("vae check: adherence {adherence_recon:.3f} on reconstructions vs "
-                   "{adherence_original:.3f} on originals, PSNR {psnr:.1f} dB".format(**report["vae"]))
+        tqdm.write(
+            "vae check: adherence {adherence_recon:.3f} on reconstructions vs "
+            "{adherence_original:.3f} on originals, PSNR {psnr:.1f} dB".format(**report["vae"])
+        )
     lap("vae")
 
     latents = encode_latents(backend, images, progress=progress)
     report["latent_std"] = float(latents.std())
     lap("latents")
 
-    flow_keys = ("steps", "batch_size", "lr", "weight_decay", "warmup", "ema_decay",
-                 "caption_dropout", "logit_mean", "logit_std")
-    report["flow"] = train_flow(backend, latents, captions, **{k: r[k] for k in flow_keys},
-                                seed=seed + 2, progress=progress)
+    flow_keys = (
+        "steps",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "warmup",
+        "ema_decay",
+        "caption_dropout",
+        "logit_mean",
+        "logit_std",
+    )
+    report["flow"] = train_flow(
+        backend, latents, captions, **{k: r[k] for k in flow_keys}, seed=seed + 2, progress=progress
+    )
     lap("flow")
 
     pipe.to("cpu", save_dtype)

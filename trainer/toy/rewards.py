@@ -344,8 +344,9 @@ def _moments(mask: torch.Tensor):
     denom = mass + 1e-6
     cx = (mask.sum(1) * xs).sum(1) / denom
     cy = (mask.sum(2) * ys).sum(1) / denom
-    var = ((mask.sum(1) * (xs[None] - cx[:, None]) ** 2).sum(1)
-           + (mask.sum(2) * (ys[None] - cy[:, None]) ** 2).sum(1)) / denom
+    var = (
+        (mask.sum(1) * (xs[None] - cx[:, None]) ** 2).sum(1) + (mask.sum(2) * (ys[None] - cy[:, None]) ** 2).sum(1)
+    ) / denom
     rg = torch.sqrt(var + 1e-6)
     return mass / (h * w), (cx + 0.5) / w, (cy + 0.5) / h, cx, cy, rg
 
@@ -362,8 +363,7 @@ def _canonical(mask: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, rg: torch
     gx = (2 * xpix + 1) / w - 1
     gy = (2 * ypix + 1) / h - 1
     grid = torch.stack([gx[:, None, :].expand(n, g2, g2), gy[:, :, None].expand(n, g2, g2)], -1)
-    out = F.grid_sample(mask[:, None], grid, mode="bilinear", padding_mode="zeros",
-                        align_corners=False)
+    out = F.grid_sample(mask[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return F.avg_pool2d(out, 2).reshape(n, -1)
 
 
@@ -406,8 +406,7 @@ def _upright(dice: torch.Tensor, shape_index: torch.Tensor) -> torch.Tensor:
 
 
 _SIZE_CODES = {None: 0, "small": 1, "large": 2}
-_POSITION_CODES = {None: 0, **{p: k + 1 for k, p in enumerate(("left", "right", "top", "bottom",
-                                                                 "centre"))}}
+_POSITION_CODES = {None: 0, **{p: k + 1 for k, p in enumerate(("left", "right", "top", "bottom", "centre"))}}
 _RELATION_CODES = {"and": 0, "left_of": 1, "right_of": 2, "above": 3, "below": 4}
 
 
@@ -424,14 +423,17 @@ def _position_terms(code: torch.Tensor, fx: torch.Tensor, fy: torch.Tensor) -> t
     """Named-position terms [N] (1 where no position is named), from the centroid."""
     s = 0.02
     tol = CENTRE_TOL + 0.04
-    table = torch.stack([
-        torch.ones_like(fx),
-        torch.sigmoid((LEFT_MAX + 0.06 - fx) / s),
-        torch.sigmoid((fx - (RIGHT_MIN - 0.06)) / s),
-        torch.sigmoid((TOP_MAX + 0.06 - fy) / s),
-        torch.sigmoid((fy - (BOTTOM_MIN - 0.06)) / s),
-        torch.sigmoid((tol - (fx - 0.5).abs()) / 0.01) * torch.sigmoid((tol - (fy - 0.5).abs()) / 0.01),
-    ], 1)
+    table = torch.stack(
+        [
+            torch.ones_like(fx),
+            torch.sigmoid((LEFT_MAX + 0.06 - fx) / s),
+            torch.sigmoid((fx - (RIGHT_MIN - 0.06)) / s),
+            torch.sigmoid((TOP_MAX + 0.06 - fy) / s),
+            torch.sigmoid((fy - (BOTTOM_MIN - 0.06)) / s),
+            torch.sigmoid((tol - (fx - 0.5).abs()) / 0.01) * torch.sigmoid((tol - (fy - 0.5).abs()) / 0.01),
+        ],
+        1,
+    )
     return table.gather(1, code[:, None])[:, 0]
 
 
@@ -443,8 +445,7 @@ def _relation_terms(code: torch.Tensor, a: tuple, b: tuple) -> torch.Tensor:
     def term(along, across):
         return torch.sigmoid((along - 0.5 * across.abs() - 0.04) / 0.02)
 
-    table = torch.stack([torch.ones_like(dx), term(dx, dy), term(-dx, dy), term(dy, dx),
-                         term(-dy, dx)], 1)
+    table = torch.stack([torch.ones_like(dx), term(dx, dy), term(-dx, dy), term(dy, dx), term(-dy, dx)], 1)
     return table.gather(1, code[:, None])[:, 0]
 
 
@@ -491,27 +492,31 @@ def adherence_reward(images, prompts, return_terms: bool = False):
     size_code = torch.tensor([_SIZE_CODES[o.size] for o in objs], device=dev)
     pos_code = torch.tensor([_POSITION_CODES[o.position] for o in objs], device=dev)
     unit_area = torch.tensor([shape_area(o.shape) for o in objs], dtype=torch.float32, device=dev)
-    attr = ((ATTR_FLOOR + (1 - ATTR_FLOOR) * _size_terms(size_code, mass, unit_area))
-            * (ATTR_FLOOR + (1 - ATTR_FLOOR) * _position_terms(pos_code, fx, fy)))
+    attr = (ATTR_FLOOR + (1 - ATTR_FLOOR) * _size_terms(size_code, mass, unit_area)) * (
+        ATTR_FLOOR + (1 - ATTR_FLOOR) * _position_terms(pos_code, fx, fy)
+    )
     score = colour * (SHAPE_FLOOR + (1 - SHAPE_FLOOR) * shape_p) * attr
 
     def mean(v: torch.Tensor) -> torch.Tensor:  # per-image mean over the named objects
         return torch.zeros(bsz, device=dev).index_add_(0, owner_t, v) / nobj
 
-    rel_code = torch.tensor([_RELATION_CODES.get(sp.relation or "and") for sp in specs],
-                            device=dev)
+    rel_code = torch.tensor([_RELATION_CODES.get(sp.relation or "and") for sp in specs], device=dev)
     relation = _relation_terms(rel_code, (fx[first], fy[first]), (fx[second], fy[second]))
     reward = mean(score) * (ATTR_FLOOR + (1 - ATTR_FLOOR) * relation)
     reward = reward.float().clamp(0.0, 1.0)
     if not return_terms:
         return reward
-    return reward, {"colour": mean(colour), "shape": mean(shape_p), "attributes": mean(attr),
-                    "relation": relation, "purity": purity}
+    return reward, {
+        "colour": mean(colour),
+        "shape": mean(shape_p),
+        "attributes": mean(attr),
+        "relation": relation,
+        "purity": purity,
+    }
 
 
 @_single_threaded
-def preference_reward(images, prompts=None, weights: dict | None = None,
-                      return_terms: bool = False):
+def preference_reward(images, prompts=None, weights: dict | None = None, return_terms: bool = False):
     """A smooth two-peaked "preference" in [0, 1] per image: float32 [B].
 
     Optimum: one large (circumradius ~0.30 of the side), centred, fully saturated, upright object
@@ -538,18 +543,22 @@ def preference_reward(images, prompts=None, weights: dict | None = None,
 
     if specs is None:
         shape_idx = _shape_scores(dice).argmax(1)
-        target = torch.tensor([shape_area(SHAPES[int(i)]) * PREF_RADIUS**2 for i in shape_idx],
-                              device=x.device)
+        target = torch.tensor([shape_area(SHAPES[int(i)]) * PREF_RADIUS**2 for i in shape_idx], device=x.device)
     else:
         shape_idx = torch.tensor([SHAPES.index(sp.shape) for sp in specs], device=x.device)
-        target = torch.tensor([
-            shape_area(sp.shape) * PREF_RADIUS**2 if len(sp.objects) == 1
-            else sum(shape_area(o.shape) for o in sp.objects) * PREF_PAIR_RADIUS**2
-            for sp in specs], dtype=torch.float32, device=x.device)
+        target = torch.tensor(
+            [
+                shape_area(sp.shape) * PREF_RADIUS**2
+                if len(sp.objects) == 1
+                else sum(shape_area(o.shape) for o in sp.objects) * PREF_PAIR_RADIUS**2
+                for sp in specs
+            ],
+            dtype=torch.float32,
+            device=x.device,
+        )
 
     logr = torch.log(area + 1e-4) - torch.log(target)
-    sig = torch.where(logr < 0, torch.full_like(logr, PREF_SIZE_SIGMA[0]),
-                      torch.full_like(logr, PREF_SIZE_SIGMA[1]))
+    sig = torch.where(logr < 0, torch.full_like(logr, PREF_SIZE_SIGMA[0]), torch.full_like(logr, PREF_SIZE_SIGMA[1]))
     size = torch.exp(-0.5 * (logr / sig) ** 2)
 
     d2 = (fx - 0.5) ** 2 + (fy - 0.5) ** 2
@@ -565,8 +574,9 @@ def preference_reward(images, prompts=None, weights: dict | None = None,
     luma = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
     wbg = (1.0 - cov) * (excess <= 0).float()
     bg_luma = ((luma * wbg).sum((1, 2)) + 0.5) / (wbg.sum((1, 2)) + 1.0)
-    background = torch.stack([torch.exp(-0.5 * ((bg_luma - peak) / PREF_BG_SIGMA) ** 2)
-                              for peak in PREF_BG_LUMA]).max(0).values
+    background = (
+        torch.stack([torch.exp(-0.5 * ((bg_luma - peak) / PREF_BG_SIGMA) ** 2) for peak in PREF_BG_LUMA]).max(0).values
+    )
 
     best = _shape_scores(dice).max(1).values
     objectness = _smoothstep(best, *PREF_OBJECTNESS) * vivid
@@ -587,8 +597,7 @@ def preference_reward(images, prompts=None, weights: dict | None = None,
         upright[rows] = _upright(d_obj, sidx).reshape(-1, 2).mean(1)
         objectness[rows] = fit.reshape(-1, 2).mean(1)
 
-    terms = {"size": size, "centre": centre, "saturation": saturation,
-             "background": background, "upright": upright}
+    terms = {"size": size, "centre": centre, "saturation": saturation, "background": background, "upright": upright}
     total = sum(wts.values())
     reward = objectness * sum(wts[k] * terms[k] for k in wts) / total
     reward = reward.float().clamp(0.0, 1.0)

@@ -186,8 +186,9 @@ class Scene:
 
     @property
     def first(self) -> ShapeObject:
-        return ShapeObject(self.shape, self.colour, self.size, self.cx, self.cy,
-                           self.rotation, self.saturation, self.shade)
+        return ShapeObject(
+            self.shape, self.colour, self.size, self.cx, self.cy, self.rotation, self.saturation, self.shade
+        )
 
     @property
     def objects(self) -> tuple[ShapeObject, ...]:
@@ -201,9 +202,18 @@ class Scene:
     @classmethod
     def from_objects(cls, objects: Sequence[ShapeObject], background) -> Scene:
         o = objects[0]
-        return cls(o.shape, o.colour, o.size, o.cx, o.cy, o.rotation, o.saturation, o.shade,
-                   tuple(float(v) for v in background),
-                   objects[1] if len(objects) > 1 else None)
+        return cls(
+            o.shape,
+            o.colour,
+            o.size,
+            o.cx,
+            o.cy,
+            o.rotation,
+            o.saturation,
+            o.shade,
+            tuple(float(v) for v in background),
+            objects[1] if len(objects) > 1 else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -298,8 +308,15 @@ def _inside_convex(px: np.ndarray, py: np.ndarray, verts: np.ndarray) -> np.ndar
     return pos | neg
 
 
-def inside_shape(shape: str, px: np.ndarray, py: np.ndarray, cx: float = 0.0, cy: float = 0.0,
-                 radius: float = 1.0, rotation: float = 0.0) -> np.ndarray:
+def inside_shape(
+    shape: str,
+    px: np.ndarray,
+    py: np.ndarray,
+    cx: float = 0.0,
+    cy: float = 0.0,
+    radius: float = 1.0,
+    rotation: float = 0.0,
+) -> np.ndarray:
     """Boolean inside-test of a shape (circumradius ``radius``) at arbitrary points."""
     dx = np.asarray(px, dtype=np.float64) - cx
     dy = np.asarray(py, dtype=np.float64) - cy
@@ -388,13 +405,26 @@ def format_prompt(spec: PromptSpec) -> str:
     return f"{_object_text(spec.objects[0])} {RELATION_PHRASES[spec.relation]} {_object_text(spec.objects[1])}"
 
 
-_SIZE_SYNONYMS = {"small": "small", "little": "small", "tiny": "small",
-                  "large": "large", "big": "large", "huge": "large"}
+_SIZE_SYNONYMS = {
+    "small": "small",
+    "little": "small",
+    "tiny": "small",
+    "large": "large",
+    "big": "large",
+    "huge": "large",
+}
 _COLOUR_SYNONYMS = {c: c for c in COLOURS} | {"violet": "purple", "turquoise": "cyan"}
-_SHAPE_SYNONYMS = {s: s for s in SHAPES} | {"circles": "circle", "squares": "square",
-                                              "triangles": "triangle", "stars": "star",
-                                              "crosses": "cross", "rings": "ring", "plus": "cross",
-                                              "disc": "circle", "disk": "circle"}
+_SHAPE_SYNONYMS = {s: s for s in SHAPES} | {
+    "circles": "circle",
+    "squares": "square",
+    "triangles": "triangle",
+    "stars": "star",
+    "crosses": "cross",
+    "rings": "ring",
+    "plus": "cross",
+    "disc": "circle",
+    "disk": "circle",
+}
 _POSITION_PATTERNS = [
     (r"\b(?:on|at|to) the left\b|\bleft\b", "left"),
     (r"\b(?:on|at|to) the right\b|\bright\b", "right"),
@@ -445,7 +475,7 @@ def parse_prompt(text) -> PromptSpec:
     for pat, rel in _RELATION_PATTERNS:
         m = re.search(pat, t)
         if m:
-            left, right = t[: m.start()], t[m.end():]
+            left, right = t[: m.start()], t[m.end() :]
             try:
                 a, b = _parse_object(left), _parse_object(right)
             except ValueError:
@@ -512,11 +542,16 @@ def spec_of(scene: Scene, mention: Iterable[str] = ()) -> PromptSpec:
     if unknown:
         raise ValueError(f"unknown attributes to mention: {sorted(unknown)}")
     if scene.second is None:
-        return PromptSpec((ObjectSpec(
-            scene.shape, scene.colour,
-            size_word(scene.size) if "size" in mention else None,
-            position_word(scene.cx, scene.cy) if "position" in mention else None,
-        ),))
+        return PromptSpec(
+            (
+                ObjectSpec(
+                    scene.shape,
+                    scene.colour,
+                    size_word(scene.size) if "size" in mention else None,
+                    position_word(scene.cx, scene.cy) if "position" in mention else None,
+                ),
+            )
+        )
     a, b = scene.first, scene.second
     rel = relation_of(a, b) if "relation" in mention else "and"
     return PromptSpec((ObjectSpec(a.shape, a.colour), ObjectSpec(b.shape, b.colour)), rel)
@@ -565,8 +600,9 @@ def combos(split: str = "all") -> list[tuple[str, str]]:
     return [p for p in all_pairs if p not in held]
 
 
-def sample_spec(rng: np.random.Generator, split: str = "train", p_second: float = 0.2,
-                p_size: float = 0.3, p_position: float = 0.3) -> PromptSpec:
+def sample_spec(
+    rng: np.random.Generator, split: str = "train", p_second: float = 0.2, p_size: float = 0.3, p_position: float = 0.3
+) -> PromptSpec:
     """Draw a prompt spec (see the module docstring). The held-out split has single objects only."""
     pairs = combos(split)
     two = split != "heldout" and rng.random() < p_second
@@ -695,9 +731,17 @@ class ShapesDataset:
     in [0, 1] (``as_tensor=True``, default) or a uint8 numpy array [H, W, 3].
     """
 
-    def __init__(self, n: int, seed: int = 0, size: int = 64, split: str = "train",
-                 p_second: float = 0.2, p_size: float = 0.3, p_position: float = 0.3,
-                 as_tensor: bool = True):
+    def __init__(
+        self,
+        n: int,
+        seed: int = 0,
+        size: int = 64,
+        split: str = "train",
+        p_second: float = 0.2,
+        p_size: float = 0.3,
+        p_position: float = 0.3,
+        as_tensor: bool = True,
+    ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}")
         self.n, self.seed, self.size, self.split = int(n), int(seed), int(size), split
@@ -716,8 +760,7 @@ class ShapesDataset:
 
     def spec(self, i: int) -> PromptSpec:
         i = self._check(i)
-        return sample_spec(index_rng(self.seed, i), self.split, self.p_second, self.p_size,
-                           self.p_position)
+        return sample_spec(index_rng(self.seed, i), self.split, self.p_second, self.p_size, self.p_position)
 
     def scene(self, i: int) -> Scene:
         i = self._check(i)
@@ -786,6 +829,5 @@ def all_captions(split: str = "all") -> list[str]:
             for c2, s2 in pairs:
                 if c1 != c2:
                     for rel in RELATIONS:
-                        out.append(format_prompt(PromptSpec(
-                            (ObjectSpec(s1, c1), ObjectSpec(s2, c2)), rel)))
+                        out.append(format_prompt(PromptSpec((ObjectSpec(s1, c1), ObjectSpec(s2, c2)), rel)))
     return out
