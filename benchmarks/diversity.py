@@ -24,7 +24,7 @@ ORDERS = (1.0, 2.0, math.inf)
 
 
 def all_metrics(features: torch.Tensor) -> list[torch.Tensor]:
-    """Every diversity metric of DESIGN §7 on ``[N, D]`` or ``[P, N, D]`` features."""
+    """Every diversity metric of docs/design.md §7 on ``[N, D]`` or ``[P, N, D]`` features."""
     return [
         *(vendi_score(features, q) for q in ORDERS),
         feature_variance(features),

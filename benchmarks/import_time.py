@@ -3,7 +3,7 @@
     python benchmarks/import_time.py [--repeats 7]
 
 Each variant runs in a fresh interpreter; the best of ``--repeats`` is kept, and the difference to a
-plain ``import torch`` is the figure (target: < 0.3 s for the library, DESIGN/issue #2).
+plain ``import torch`` is the figure (target: < 0.3 s for the library, issue #2).
 """
 
 from __future__ import annotations

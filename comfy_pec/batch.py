@@ -15,13 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from . import PECError
-from .diversity import (
-    feature_variance,
-    mean_pairwise_distance,
-    perceptual_energy,
-    perceptual_entropy,
-    vendi_score,
-)
+from .diversity import feature_variance, mean_pairwise_distance, vendi_score
+from .perceptual import perceptual_energy, perceptual_entropy
 
 __all__ = [
     "DiversityResult",
@@ -199,13 +194,13 @@ def similarity_heatmap(features: torch.Tensor, images: torch.Tensor, max_side: i
 
 
 # --------------------------------------------------------------------------------------------------
-# Perceptual entropy of a probed step (DESIGN §5)
+# Perceptual entropy of a probed step (docs/design.md §5)
 # --------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class ProbeResult:
-    """Perceptual entropy of one step sampled K times from B states (DESIGN §5, paper eq. S33).
+    """Perceptual entropy of one step sampled K times from B states (docs/design.md §5, paper eq. S33).
 
     ``entropy``: Ĥ_A, the mean over all K·B draws of ``h_A = e + (d_f/2)·log(2π·std²)``; ``energy``: the
     mean residual energy ``e = ||g(x') - g(μ)||²/(2·std²)``; ``vendi``: the mean over the B states of

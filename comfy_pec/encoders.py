@@ -1,11 +1,11 @@
-"""Perceptual encoders behind one interface (DESIGN §1, §5, §7).
+"""Perceptual encoders behind one interface (docs/design.md §1, §5, §7).
 
 A :class:`PerceptualEncoder` maps images to feature vectors: ``forward(images) -> [B, dim]``
 float32, L2-normalised by default (perceptual entropy and Vendi use the cosine geometry).
 Images are ComfyUI ``IMAGE`` tensors ``[B, H, W, 3]`` or torch ``[B, 3, H, W]``, float in [0, 1]
 (a single image without batch axis is accepted too). Preprocessing -- layout, resize, per-channel
 normalisation -- happens in torch, so gradients flow back to the pixels (the perceptual entropy
-regulariser of DESIGN §6 differentiates through it).
+regulariser of docs/design.md §6 differentiates through it).
 
 Subclasses set ``name``, ``dim``, ``pixels`` (a :class:`Preprocess`: resize, center-crop, the
 model's published mean/std) and implement :meth:`PerceptualEncoder.embed` on preprocessed pixels.
@@ -107,7 +107,7 @@ class PerceptualEncoder(torch.nn.Module):
     :meth:`embed` on preprocessed pixels (or override :meth:`features`).
 
     Args:
-        normalize: L2-normalise the features (default; DESIGN §5).
+        normalize: L2-normalise the features (default; docs/design.md §5).
     """
 
     name: str = "base"

@@ -2,7 +2,7 @@
 
 These are what the ComfyUI nodes ``PEC Flow SDE Sampler`` and ``PEC Perceptual Entropy`` run, kept
 free of ComfyUI so tests call them directly. A *denoiser* follows ComfyUI's convention:
-``denoise(x [B, ...], sigma [B]) -> x̂0 [B, ...]``; the velocity is ``v = (x - x̂0)/σ`` (DESIGN §2).
+``denoise(x [B, ...], sigma [B]) -> x̂0 [B, ...]``; the velocity is ``v = (x - x̂0)/σ`` (docs/design.md §2).
 Latents are ``[B, C, H, W]`` (or any ``[B, ...]``); ``sigmas`` is a decreasing 1-D tensor of N+1 values.
 
 Per-step noise comes from a CPU ``torch.Generator`` seeded from the sampling seed, so one seed gives the
@@ -18,14 +18,12 @@ from dataclasses import dataclass
 import torch
 
 from . import PECError
-from .sde import StepResult, cps_step, flow_sde_step, ode_step, window_all
+from .sde import SDE_KINDS, StepResult, ode_step, step_kind, stochastic_steps
 
-__all__ = ["METHODS", "WINDOW_MODES", "StepProbe", "noise_generator", "probe_step", "sample_flow", "sde_window"]
+__all__ = ["StepProbe", "noise_generator", "probe_step", "sample_flow"]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-METHODS = {"flow_sde": flow_sde_step, "cps": cps_step}
-WINDOW_MODES = ("all", "steps", "sigmas")
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: decorrelates the step noise from the initial noise
 
 
@@ -34,45 +32,11 @@ def noise_generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed((int(seed) + _SEED_MIX) % 2**64)
 
 
-def sde_window(
-    sigmas: torch.Tensor,
-    mode: str = "all",
-    start: int = 0,
-    count: int = 1,
-    sigma_high: float = 1.0,
-    sigma_low: float = 0.0,
-) -> torch.Tensor:
-    """Which steps of ``sigmas`` ([N+1]) are stochastic → bool ``[N]``; the others are Euler ODE steps.
-
-    ``all``: every step; ``steps``: ``count`` steps from step ``start`` (0-based; steps past the end are
-    ignored); ``sigmas``: the steps that start at a σ in ``[sigma_low, sigma_high]``. The last step (into
-    the final σ) is always ODE: it gives the image (DESIGN §3).
-    """
-    num_steps = len(sigmas) - 1
-    if num_steps < 1:
-        raise PECError(f"need at least 2 sigmas (one step), got {len(sigmas)}")
-    if mode == "all":
-        return window_all(num_steps)
-    elif mode == "steps":
-        if start < 0 or count < 0:
-            raise PECError(f"SDE window start and count must be >= 0, got start={start} count={count}")
-        mask = torch.zeros(num_steps, dtype=torch.bool)
-        mask[start : start + count] = True
-    elif mode == "sigmas":
-        if sigma_low > sigma_high:
-            raise PECError(f"SDE window sigma_low {sigma_low} is above sigma_high {sigma_high}")
-        start_sigmas = sigmas[:-1].float().cpu()
-        mask = (start_sigmas >= sigma_low) & (start_sigmas <= sigma_high)
-    else:
-        raise PECError(f"unknown SDE window mode {mode!r}; expected one of {WINDOW_MODES}")
-    mask[-1] = False
-    return mask
-
-
-def _step_fn(method: str):
-    if method not in METHODS:
-        raise PECError(f"unknown SDE method {method!r}; expected one of {sorted(METHODS)}")
-    return METHODS[method]
+def _sde_kind(name: str):
+    """The stochastic step kind ``name`` (``ode`` is not one: noise level 0 gives the Euler sampler)."""
+    if name not in SDE_KINDS:
+        raise PECError(f"unknown SDE method {name!r}; expected one of {', '.join(SDE_KINDS)}")
+    return step_kind(name)
 
 
 def _velocity(denoise: Denoiser, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,15 +64,15 @@ def sample_flow(
 ) -> torch.Tensor:
     """Integrate from ``sigmas[0]`` to ``sigmas[-1]`` with Flow-SDE / CPS steps (exactly
     :func:`comfy_pec.sde.flow_sde_step` / :func:`comfy_pec.sde.cps_step`) where ``sde_mask`` ([N] bool,
-    default :func:`sde_window` ``all``) is True and Euler ODE steps elsewhere.
+    default :func:`comfy_pec.sde.stochastic_steps` ``all``) is True and Euler ODE steps elsewhere.
 
     ``x`` is the latent at ``sigmas[0]`` ``[B, ...]``; returns the latent at ``sigmas[-1]`` in ``x``'s
     dtype. ``noise_level`` 0 is ComfyUI's Euler sampler. ``callback(i, x̂0, x)`` is called every step.
     """
-    step = _step_fn(method)
+    step = _sde_kind(method)
     if noise_level < 0:
         raise PECError(f"noise level must be >= 0, got {noise_level}")
-    mask = sde_window(sigmas) if sde_mask is None else sde_mask
+    mask = stochastic_steps("all", sigmas) if sde_mask is None else sde_mask
     generator = noise_generator(seed)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -164,7 +128,7 @@ def probe_step(
     ``x`` ``[B, ...]`` is the latent at ``sigmas[0]``. Costs ``step + 1`` denoiser calls, plus
     ``repeats + 1`` batched calls for ``decode="x0"`` (the clean predictions of every ``x'`` and of ``μ``).
     """
-    stepper = _step_fn(method)
+    stepper = _sde_kind(method)
     if not 0 <= step < len(sigmas) - 2:
         raise PECError(f"probe step must be in [0, {len(sigmas) - 3}] (the last step is deterministic), got {step}")
     if repeats < 1 or noise_level <= 0:

@@ -1,4 +1,4 @@
-"""The PEC LoRA file (DESIGN §8): write it, read it back safely, inspect it, check key coverage.
+"""The PEC LoRA file (docs/design.md §8): write it, read it back safely, inspect it, check key coverage.
 
 Layout, chosen so that stock ComfyUI and diffusers both load the file at the trained strength:
 
@@ -328,7 +328,7 @@ def save_lora(
     usage_hint: str | None = None,
     provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
-    """Write a LoRA in the PEC layout (DESIGN §8), atomically.
+    """Write a LoRA in the PEC layout (docs/design.md §8), atomically.
 
     Args:
         source: a diffusers transformer with a PEFT LoRA (``transformer.add_adapter(LoraConfig(...))``)
@@ -646,7 +646,7 @@ def inspect_lora(path: str | os.PathLike) -> LoraInfo:
         notes.append(f"{len(alpha_keys)} .alpha tensors: the scale is not baked in, loaders may disagree on strength")
     scale_baked = _adapter_scale_baked(metadata, notes) and not alpha_keys
     if any(m.startswith("base_model.model.") for m in header.modules):
-        notes.append("keys carry PEFT's base_model.model. wrapper: a raw PEFT file, not the DESIGN §8 layout")
+        notes.append("keys carry PEFT's base_model.model. wrapper: a raw PEFT file, not the docs/design.md §8 layout")
     elif not all(m.startswith(FILE_PREFIX) for m in header.modules):
         notes.append("keys lack the transformer. prefix that diffusers and ComfyUI expect")
     others = len(header.shapes) - len(lora_keys) - len(alpha_keys)

@@ -1,6 +1,6 @@
-"""Flow-matching schedules and stochastic sampling steps with their log-probabilities (DESIGN §2-§3).
+"""Flow-matching schedules and stochastic sampling steps with their log-probabilities (docs/design.md §2-§3).
 
-Conventions (DESIGN §2): ``x_σ = (1-σ)·x0 + σ·ε`` with σ ∈ [0, 1] (σ = 1 is pure noise), the model
+Conventions (docs/design.md §2): ``x_σ = (1-σ)·x0 + σ·ε`` with σ ∈ [0, 1] (σ = 1 is pure noise), the model
 predicts the velocity ``v ≈ ε - x0``, and the clean estimate is ``x̂0 = x - σ·v``. A schedule is a
 decreasing 1-D tensor of N+1 sigmas ending in 0; step i goes from ``sigmas[i]`` to ``sigmas[i+1]``.
 
@@ -15,11 +15,13 @@ tokens ``[B, L, C]``). ``sigma``/``sigma_next`` are Python floats, 0-d tensors, 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from . import PECError
+from .kinds import SDE_KINDS, STEP_KIND_NAMES, WINDOW_RULES
 
 Sigma = float | torch.Tensor
 
@@ -36,6 +38,9 @@ __all__ = [
     "flow_sde_step",
     "cps_step",
     "ode_step",
+    "STEP_KINDS",
+    "SDE_KINDS",
+    "step_kind",
     "gaussian_log_prob",
     "step_entropy",
     "gaussian_kl",
@@ -44,6 +49,7 @@ __all__ = [
     "window_sliding",
     "sample_window_start",
     "stochastic_steps",
+    "WINDOW_RULES",
     "MergedStep",
     "flow_sde_stds",
     "egrpo_merge_steps",
@@ -52,7 +58,7 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------------
-# Schedules (DESIGN §2)
+# Schedules (docs/design.md §2)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -111,7 +117,7 @@ def flux_schedule(num_steps: int, image_seq_len: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Steps (DESIGN §3)
+# Steps (docs/design.md §3)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -158,8 +164,21 @@ def _draw(noise: torch.Tensor | None, like: torch.Tensor, generator) -> torch.Te
     return torch.randn(like.shape, generator=generator, device=gen_device, dtype=torch.float32).to(like.device)
 
 
-def ode_step(x: torch.Tensor, v: torch.Tensor, sigma: Sigma, sigma_next: Sigma) -> StepResult:
-    """Deterministic Euler step of the probability-flow ODE: ``x' = x - Δ·v`` with ``Δ = σ - σ'``."""
+def ode_step(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    sigma: Sigma,
+    sigma_next: Sigma,
+    noise_level: float = 0.0,
+    noise: torch.Tensor | None = None,
+    sigma_1: Sigma | None = None,
+    generator: torch.Generator | None = None,
+) -> StepResult:
+    """Deterministic Euler step of the probability-flow ODE: ``x' = x - Δ·v`` with ``Δ = σ - σ'``.
+
+    The noise arguments are accepted and ignored, so every entry of :data:`STEP_KINDS` takes the same ones.
+    """
+    del noise_level, noise, sigma_1, generator
     x32, v32, _, _, delta = _prepare(x, v, sigma, sigma_next)
     mean = x32 - delta * v32
     zero = torch.zeros_like(delta)
@@ -231,6 +250,19 @@ def cps_step(
     return StepResult(x_next=x_next, mean=mean, std=std, scale=std / torch.sqrt(delta))
 
 
+#: The step kinds by name (:mod:`comfy_pec.kinds`), one registry for the trainer, `pec sample` and the ComfyUI
+#: sampler node. Every entry takes ``(x, v, sigma, sigma_next, noise_level, noise=None, sigma_1=None,
+#: generator=None)``.
+STEP_KINDS: dict[str, Callable[..., StepResult]] = dict(zip(STEP_KIND_NAMES, (ode_step, flow_sde_step, cps_step)))
+
+
+def step_kind(name: str) -> Callable[..., StepResult]:
+    """The step function called ``name`` in :data:`STEP_KINDS`; an unknown name is a :class:`PECError`."""
+    if name not in STEP_KINDS:
+        raise PECError(f"unknown step kind {name!r}; expected one of {', '.join(STEP_KINDS)}")
+    return STEP_KINDS[name]
+
+
 def gaussian_log_prob(
     x: torch.Tensor, mean: torch.Tensor, std: float | torch.Tensor, reduction: str = "mean"
 ) -> torch.Tensor:
@@ -279,9 +311,9 @@ def gaussian_kl(
 
 
 # --------------------------------------------------------------------------------------------------
-# Which steps are stochastic (DESIGN §3 "Windows"). Each returns a bool mask [num_steps]; True = SDE
+# Which steps are stochastic (docs/design.md §3 "Windows"). Each returns a bool mask [num_steps]; True = SDE
 # step (sampled with noise and trained), False = ODE step. The last step (into σ = 0) is never
-# stochastic: it produces the final image and is never trained (DESIGN §4).
+# stochastic: it produces the final image and is never trained (docs/design.md §4).
 # --------------------------------------------------------------------------------------------------
 
 
@@ -323,29 +355,51 @@ def window_sliding(num_steps: int, size: int, iteration: int, shift_every: int, 
 
 def stochastic_steps(
     rule: str,
-    num_steps: int,
+    sigmas: torch.Tensor | int,
     *,
-    size: int = 2,
     start: int = 0,
+    size: int = 1,
+    sigma_low: float = 0.0,
+    sigma_high: float = 1.0,
     iteration: int = 0,
     shift_every: int = 25,
     stride: int = 1,
 ) -> torch.Tensor:
-    """Dispatch on the config's window ``rule``: ``all`` | ``window`` | ``sliding`` → bool [num_steps].
+    """Which steps of a schedule are stochastic → bool ``[N]``, by one of :data:`comfy_pec.kinds.WINDOW_RULES`.
 
-    (``egrpo`` merges steps and so changes the schedule itself: :func:`egrpo_merge_steps`.)
+    ``sigmas`` is the schedule ``[N+1]`` (or just N where the rule needs no sigmas). ``all``: every step;
+    ``steps``: ``size`` steps from step ``start`` (0-based; steps past the end are dropped; the trainer's
+    Flow-GRPO-Fast window draws ``start`` per iteration); ``sigmas``: the steps that start at a σ in
+    ``[sigma_low, sigma_high]``; ``sliding``: MixGRPO's window (:func:`window_sliding`). The last step
+    (into the final σ) is always ODE: it gives the image and is never trained (docs/design.md §3).
     """
+    num_steps = sigmas if isinstance(sigmas, int) else len(sigmas) - 1
+    if num_steps < 1:
+        raise PECError(f"a schedule needs at least one step, got {num_steps}")
     if rule == "all":
         return window_all(num_steps)
-    if rule == "window":
-        return window_fixed(num_steps, size, start)
     if rule == "sliding":
         return window_sliding(num_steps, size, iteration, shift_every, stride)
-    raise PECError(f"unknown window rule {rule!r}; expected 'all', 'window' or 'sliding'")
+    if rule == "steps":
+        if start < 0 or size < 0:
+            raise PECError(f"SDE window start and size must be >= 0, got start={start} size={size}")
+        mask = torch.zeros(num_steps, dtype=torch.bool)
+        mask[start : start + size] = True
+    elif rule == "sigmas":
+        if isinstance(sigmas, int):
+            raise PECError("the 'sigmas' window rule needs the schedule's sigmas, not only its step count")
+        if sigma_low > sigma_high:
+            raise PECError(f"SDE window sigma_low {sigma_low} is above sigma_high {sigma_high}")
+        start_sigmas = sigmas[:-1].float().cpu()
+        mask = (start_sigmas >= sigma_low) & (start_sigmas <= sigma_high)
+    else:
+        raise PECError(f"unknown SDE window {rule!r} (unknown window rule; expected one of {', '.join(WINDOW_RULES)})")
+    mask[-1] = False
+    return mask
 
 
 # --------------------------------------------------------------------------------------------------
-# E-GRPO (DESIGN §6): entropy-adaptive merging of low-entropy steps into one SDE jump
+# E-GRPO (docs/design.md §6): entropy-adaptive merging of low-entropy steps into one SDE jump
 # --------------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""The method suite on the embedded world: every DESIGN §6 method against Flow-GRPO, PEC and PCVAE.
+"""The method suite on the embedded world: every docs/design.md §6 method against Flow-GRPO, PEC and PCVAE.
 
     python studies/method_suite.py [--iterations 20] [--methods flow-grpo,pec,...] [--out runs/study_method_suite]
                                    [--prompts 6] [--per-prompt 16] [--set KEY=VALUE ...]

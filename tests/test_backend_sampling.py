@@ -10,9 +10,10 @@ from comfy_pec.lora_format import save_lora
 from comfy_pec.sde import base_sigmas, sd3_schedule
 from trainer.backends import detect_family, load_backend
 from trainer.backends.base import PromptEmbeds
+from trainer.backends.random_init import build_pipeline, save_pipeline
 from trainer.cli import main
 from trainer.sampling import denoise, sample_images, seeded_noise
-from trainer.toy.model import VAE_CONFIG, build_pipeline, save_pipeline
+from trainer.toy.model import EMBEDDED_SPEC, PEC_DEFAULTS, VAE_CONFIG
 
 #: one latent of a 64x64 image: [C, 16, 16]
 LATENT = (VAE_CONFIG["latent_channels"], 16, 16)
@@ -22,7 +23,11 @@ PROMPTS = ["a red circle", "a blue square on the left", "a green star and a cyan
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_sd3")
-    save_pipeline(build_pipeline(seed=3), path, defaults={"num_steps": 4, "eval_num_steps": 4, "guidance_scale": 2.5})
+    save_pipeline(
+        build_pipeline(EMBEDDED_SPEC, seed=3),
+        path,
+        {**PEC_DEFAULTS, "num_steps": 4, "eval_num_steps": 4, "guidance_scale": 2.5},
+    )
     return str(path)
 
 
@@ -129,7 +134,7 @@ def test_rollout_records_only_stochastic_steps(backend):
 def test_lora_loading_checks_the_base_model(backend, model_dir, tmp_path):
     from peft import LoraConfig
 
-    donor = build_pipeline(seed=3).transformer
+    donor = build_pipeline(EMBEDDED_SPEC, seed=3).transformer
     donor.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_v"], init_lora_weights=False))
     good = tmp_path / "good.safetensors"
     save_lora(donor, good, dtype=torch.float32)
@@ -146,9 +151,8 @@ def test_lora_loading_checks_the_base_model(backend, model_dir, tmp_path):
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, ref, rtol=1e-4, atol=1e-5)
 
-    wrong = build_pipeline(
-        seed=3, transformer_config={"attention_head_dim": 16, "caption_projection_dim": 96}
-    ).transformer
+    wrong_spec = EMBEDDED_SPEC.with_overrides(transformer={"attention_head_dim": 16, "caption_projection_dim": 96})
+    wrong = build_pipeline(wrong_spec, seed=3).transformer
     wrong.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q"]))
     bad = tmp_path / "wrong_base.safetensors"
     save_lora(wrong, bad)

@@ -1,4 +1,4 @@
-"""comfy_pec.diversity against independent float64 references and DESIGN §5/§7."""
+"""comfy_pec.diversity against independent float64 references and docs/design.md §5/§7."""
 
 import math
 
@@ -10,13 +10,10 @@ from comfy_pec import PECError
 from comfy_pec.diversity import (
     feature_variance,
     mean_pairwise_distance,
-    pcvae_gain,
-    pcvae_penalty,
-    perceptual_energy,
-    perceptual_entropy,
     select_diverse,
     vendi_score,
 )
+from comfy_pec.perceptual import pcvae_gain, pcvae_penalty, perceptual_energy, perceptual_entropy
 
 ORDERS = [0.5, 1.0, 2.0, math.inf]
 

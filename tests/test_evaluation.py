@@ -11,10 +11,11 @@ from comfy_pec import PECError
 from comfy_pec.diversity import feature_variance, vendi_score
 from comfy_pec.encoders import ToyEncoder, load_encoder
 from comfy_pec.lora_format import save_lora
+from trainer.backends.random_init import build_pipeline, save_pipeline
 from trainer.cli import main
 from trainer.evaluation import image_name, load_images, run_eval
 from trainer.rewards import REWARDS
-from trainer.toy.model import build_pipeline, save_pipeline
+from trainer.toy.model import EMBEDDED_SPEC, PEC_DEFAULTS
 
 PROMPTS = ["a red circle", "a blue square on the left"]
 REWARD_NAMES = ["toy_adherence", "toy_preference"]
@@ -24,8 +25,10 @@ REWARD_NAMES = ["toy_adherence", "toy_preference"]
 def world(tmp_path_factory):
     """A tiny random pipeline (2 steps), a random toy encoder and a random LoRA, saved to disk."""
     root = tmp_path_factory.mktemp("eval_world")
-    pipe = build_pipeline(seed=3, transformer_config={"num_layers": 2})  # 2 blocks: fast on a CPU
-    save_pipeline(pipe, root / "model", defaults={"num_steps": 2, "eval_num_steps": 2})
+    pipe = build_pipeline(
+        EMBEDDED_SPEC.with_overrides(transformer={"num_layers": 2}), seed=3
+    )  # 2 blocks: fast on a CPU
+    save_pipeline(pipe, root / "model", {**PEC_DEFAULTS, "num_steps": 2, "eval_num_steps": 2})
     torch.manual_seed(1)
     encoder = ToyEncoder().eval()
     encoder_path = encoder.save_pretrained(root / "enc" / "toy_encoder.safetensors")

@@ -1,4 +1,4 @@
-"""GRPO math (DESIGN §4) and the PEC bonus (DESIGN §5) against hand-written formulas."""
+"""GRPO math (docs/design.md §4) and the PEC bonus (docs/design.md §5) against hand-written formulas."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from comfy_pec import PECError
-from comfy_pec.diversity import pec_bonus
+from comfy_pec.perceptual import pec_bonus
 from trainer.grpo import clipped_surrogate, group_advantages
 
 

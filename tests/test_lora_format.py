@@ -1,4 +1,4 @@
-"""The LoRA file layout (DESIGN §8): diffusers and ComfyUI load what save_lora writes at the trained
+"""The LoRA file layout (docs/design.md §8): diffusers and ComfyUI load what save_lora writes at the trained
 strength, the header says what it should, and no bad file gets past load_lora/inspect_lora as
 anything but one LoraFormatError."""
 

@@ -1,4 +1,4 @@
-"""The math of the DESIGN §6 methods against hand-written formulas: Clip-Cov, KL-Cov, entropy
+"""The math of the docs/design.md §6 methods against hand-written formulas: Clip-Cov, KL-Cov, entropy
 regularisation, E-GRPO's merge rule, DRIFT; and the config rules that combine them."""
 
 import math
@@ -17,15 +17,10 @@ from comfy_pec.sde import (
     step_entropy,
 )
 from trainer.config import ConfigError, load_config
-from trainer.drift import drift_diversity_shaping, prompt_noise_std, reward_concentrated_subset
 from trainer.grpo import clipped_surrogate, group_advantages
-from trainer.loss_terms import (
-    clip_cov_detach,
-    kl_cov_penalty,
-    native_entropy_bonus,
-    perceptual_entropy_bonus,
-    top_covariance_mask,
-)
+from trainer.methods.cov import clip_cov_detach, kl_cov_penalty, top_covariance_mask
+from trainer.methods.drift import drift_diversity_shaping, prompt_noise_std, reward_concentrated_subset
+from trainer.methods.entropy_reg import native_entropy_bonus, perceptual_entropy_bonus
 from trainer.runlog import read_log
 from trainer.train import train
 

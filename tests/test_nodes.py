@@ -24,11 +24,10 @@ from comfy_pec.batch import (
 from comfy_pec.diversity import (
     feature_variance,
     mean_pairwise_distance,
-    perceptual_entropy,
     vendi_score,
 )
 from comfy_pec.encoders import load_encoder
-from comfy_pec.flow_sampler import noise_generator, probe_step, sample_flow, sde_window
+from comfy_pec.flow_sampler import noise_generator, probe_step, sample_flow
 from comfy_pec.lora_format import LoraInfo, lora_key_coverage
 from comfy_pec.nodes import NODE_CLASS_MAPPINGS, SPECS
 from comfy_pec.nodes.lora_check import check_lora, lora_family, model_family
@@ -39,7 +38,8 @@ from comfy_pec.nodes.perceptual import (
     load_from_folder,
 )
 from comfy_pec.nodes.registry import build_nodes
-from comfy_pec.sde import cps_step, flow_sde_step, ode_step, sd3_schedule
+from comfy_pec.perceptual import perceptual_entropy
+from comfy_pec.sde import cps_step, flow_sde_step, ode_step, sd3_schedule, stochastic_steps
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,14 +97,20 @@ def test_step_noise_is_not_the_initial_noise_stream():
 
 def test_sde_window_modes():
     sigmas = torch.tensor([1.0, 0.9, 0.7, 0.5, 0.3, 0.0])
-    assert sde_window(sigmas, "all").tolist() == [True, True, True, True, False]
-    assert sde_window(sigmas, "steps", start=1, count=2).tolist() == [False, True, True, False, False]
-    assert sde_window(sigmas, "steps", start=3, count=9).tolist() == [False, False, False, True, False]
-    assert sde_window(sigmas, "sigmas", sigma_high=0.9, sigma_low=0.5).tolist() == [False, True, True, True, False]
+    assert stochastic_steps("all", sigmas).tolist() == [True, True, True, True, False]
+    assert stochastic_steps("steps", sigmas, start=1, size=2).tolist() == [False, True, True, False, False]
+    assert stochastic_steps("steps", sigmas, start=3, size=9).tolist() == [False, False, False, True, False]
+    assert stochastic_steps("sigmas", sigmas, sigma_high=0.9, sigma_low=0.5).tolist() == [
+        False,
+        True,
+        True,
+        True,
+        False,
+    ]
     with pytest.raises(PECError, match="sigma_low"):
-        sde_window(sigmas, "sigmas", sigma_high=0.2, sigma_low=0.5)
+        stochastic_steps("sigmas", sigmas, sigma_high=0.2, sigma_low=0.5)
     with pytest.raises(PECError, match="unknown SDE window"):
-        sde_window(sigmas, "some")
+        stochastic_steps("some", sigmas)
 
 
 def test_window_outside_is_euler(latent):

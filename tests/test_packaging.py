@@ -55,3 +55,16 @@ def test_ci_runs_exactly_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     command = next(ln for ln in ci if "pytest" in ln and not ln.startswith("#"))
     assert command in (ROOT / "README.md").read_text().splitlines()
+
+
+def test_the_trainer_core_imports_no_toy_tool():
+    core = "import trainer.train, trainer.evaluation, trainer.report, trainer.backends.random_init, trainer.compare"
+    leaked = sorted(m for m in _modules_after(core) if m.startswith("trainer.toy"))
+    assert not leaked, f"the trainer's core pulled in {leaked}"
+
+
+def test_one_version_source():
+    import comfy_pec
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert comfy_pec.__version__ == meta["project"]["version"]

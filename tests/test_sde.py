@@ -1,4 +1,4 @@
-"""comfy_pec.sde against DESIGN §2-§3 and independent references (torch.distributions, Monte Carlo)."""
+"""comfy_pec.sde against docs/design.md §2-§3 and independent references (torch.distributions, Monte Carlo)."""
 
 import math
 
@@ -214,7 +214,7 @@ def test_window_rules():
         window_fixed(10, 3, 7)  # would reach the last step
     starts = [window_sliding(10, 2, it, shift_every=5).nonzero()[0].item() for it in range(0, 60, 5)]
     assert starts == sorted(starts) and starts[0] == 0 and starts[-1] == 7  # high → low noise, then stops
-    assert stochastic_steps("window", 10, size=2, start=3).tolist() == window_fixed(10, 2, 3).tolist()
+    assert stochastic_steps("steps", 10, size=2, start=3).tolist() == window_fixed(10, 2, 3).tolist()
     assert stochastic_steps("all", 4).tolist() == [True, True, True, False]
     with pytest.raises(PECError, match="unknown window rule"):
         stochastic_steps("egrpo-ish", 10)

@@ -9,20 +9,18 @@ import pytest
 import torch
 
 from comfy_pec.encoders import ASSETS_DIR, PerceptualEncoder, ToyEncoder, load_encoder
+from trainer.backends.base import read_defaults
+from trainer.backends.random_init import build_pipeline, save_pipeline
 from trainer.toy.model import (
     DEFAULT_MODEL_DIR,
-    MODEL_MAX_LENGTH,
+    EMBEDDED_SPEC,
+    PEC_DEFAULTS,
     VAE_CONFIG,
-    VOCABULARY,
-    build_pipeline,
-    build_tokenizer,
     load_pipeline,
-    read_defaults,
     safetensors_bytes,
-    save_pipeline,
-    write_tokenizer_files,
 )
-from trainer.toy.world import all_captions, heldout_prompts
+from trainer.world.scenes import all_captions, heldout_prompts
+from trainer.world.vocabulary import MODEL_MAX_LENGTH, VOCABULARY, build_tokenizer, write_tokenizer_files
 
 MB = 1024 * 1024
 
@@ -77,7 +75,7 @@ def test_shipped_pipeline_loads_offline():
     assert pipe.text_encoder_3 is None
     assert pipe.tokenizer("a red star").input_ids == build_tokenizer()("a red star").input_ids
     assert abs(pipe.vae.config.scaling_factor - 1.0) > 1e-3  # calibrated on data
-    defaults = read_defaults(DEFAULT_MODEL_DIR)
+    defaults = read_defaults(str(DEFAULT_MODEL_DIR), PEC_DEFAULTS)
     assert defaults["resolution"] == 64 and defaults["max_sequence_length"] == 0
 
 
@@ -89,8 +87,8 @@ def test_shipped_weights_are_small():
 
 
 def test_save_reload_reproduces_outputs(tmp_path):
-    pipe = build_pipeline(seed=3)
-    save_pipeline(pipe, tmp_path)
+    pipe = build_pipeline(EMBEDDED_SPEC, seed=3)
+    save_pipeline(pipe, tmp_path, PEC_DEFAULTS)
     again = load_pipeline(tmp_path)
     gen = torch.Generator().manual_seed(0)
     latents = torch.randn(2, VAE_CONFIG["latent_channels"], 16, 16, generator=gen)
@@ -148,7 +146,7 @@ def test_pretrain_smoke_writes_a_loadable_pipeline(tmp_path):
     assert first.vae.config.scaling_factor == second.vae.config.scaling_factor
     assert not torch.equal(first.transformer.proj_out.weight, second.transformer.proj_out.weight)
     assert again["recipe"]["continues"] == report["recipe"]
-    assert read_defaults(tmp_path / "more")["pretrain"]["continues"]["vae_steps"] == 2
+    assert read_defaults(str(tmp_path / "more"), PEC_DEFAULTS)["pretrain"]["continues"]["vae_steps"] == 2
 
 
 def test_cli_registers_toy_commands():

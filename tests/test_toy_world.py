@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.toy.rewards import adherence_reward, preference_reward, to_image_tensor
-from trainer.toy.world import (
+from trainer.world.rewards import adherence_reward, preference_reward, to_image_tensor
+from trainer.world.scenes import (
     COLOUR_NAMES,
     COLOURS,
     HELDOUT_COMBOS,

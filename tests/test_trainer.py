@@ -17,19 +17,17 @@ from comfy_pec.lora_format import inspect_lora, load_lora
 from comfy_pec.sde import stochastic_steps
 from trainer import rewards as reward_registry
 from trainer.backends import load_backend
+from trainer.backends.random_init import build_pipeline, save_pipeline
 from trainer.config import load_config
 from trainer.distributed import SINGLE_PROCESS, Parallel
 from trainer.grpo import group_advantages
+from trainer.lora import add_lora
+from trainer.methods import build_methods
+from trainer.rollout import RolloutSettings, Schedule, group_initial_seeds, rollout
 from trainer.runlog import read_log
-from trainer.toy.model import build_pipeline, save_pipeline
-from trainer.train import (
-    TrainingError,
-    add_lora,
-    group_initial_seeds,
-    rollout,
-    train,
-    update,
-)
+from trainer.toy.model import EMBEDDED_SPEC, PEC_DEFAULTS
+from trainer.train import TrainingError, train, update_settings
+from trainer.update import update
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_model")
-    save_pipeline(build_pipeline(seed=7), path, defaults={"num_steps": 4, "eval_num_steps": 4})
+    save_pipeline(build_pipeline(EMBEDDED_SPEC, seed=7), path, {**PEC_DEFAULTS, "num_steps": 4, "eval_num_steps": 4})
     torch.manual_seed(0)
     ToyEncoder().save_pretrained(path / "encoder" / "toy_encoder.safetensors")  # random weights: tests the code path
     return str(path)
@@ -75,17 +73,10 @@ def test_shared_initial_noise_gives_a_group_one_start_and_different_endings(mode
     backend = load_backend(model_dir)
     cfg = load_config("demo", None, tiny_overrides(model_dir, tmp_path / "run"))
     res, steps = backend.defaults["resolution"], backend.defaults["num_steps"]
+    sigmas = backend.schedule(steps, res, res)
+    settings = RolloutSettings(cfg.sampling.sde, 3.0, res, cfg.train.batch_size, "mean", sigmas, 0.7)
     ro = rollout(
-        backend,
-        ["a red circle"] * 4,
-        cfg,
-        backend.schedule(steps, res, res),
-        stochastic_steps("all", steps),
-        seeds,
-        3.0,
-        0.7,
-        res,
-        init,
+        backend, ["a red circle"] * 4, seeds, Schedule(sigmas, stochastic_steps("all", steps), 0.7), settings, init
     )
     start = ro.latents[:, 0]  # the first step is trained: its input is the initial noise
     assert torch.equal(start[0], start[1]) and torch.equal(start[2], start[3]) and not torch.equal(start[0], start[2])
@@ -269,7 +260,7 @@ def test_an_fsdp_rank_without_trained_samples_joins_every_forward_at_weight_zero
     overrides = {"train.prompts_per_iteration": 1, "train.group_size": 4, "train.batch_size": 2, "train.kl_beta": 0.05}
     cfg = load_config("demo", None, tiny_overrides(model_dir, tmp_path / "run", **overrides))
     torch.manual_seed(cfg.train.seed)
-    params = add_lora(backend, cfg)
+    params = add_lora(backend, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
     d = backend.defaults
     res, steps = d["resolution"], d["num_steps"]
     sigmas, guidance, noise_level = (
@@ -277,17 +268,10 @@ def test_an_fsdp_rank_without_trained_samples_joins_every_forward_at_weight_zero
         float(d["guidance_scale"]),
         float(d["noise_level"]),
     )
-    ro = rollout(
-        backend,
-        ["a red circle"] * 4,
-        cfg,
-        sigmas,
-        stochastic_steps("window", steps, size=2, start=0),
-        torch.tensor([11, 12, 13, 14]),
-        guidance,
-        noise_level,
-        res,
-    )
+    settings = RolloutSettings(cfg.sampling.sde, guidance, res, cfg.train.batch_size, "mean", sigmas, noise_level)
+    window = Schedule(sigmas, stochastic_steps("steps", steps, size=2, start=0), noise_level)
+    ro = rollout(backend, ["a red circle"] * 4, torch.tensor([11, 12, 13, 14]), window, settings)
+    methods, upd = build_methods(cfg), update_settings(cfg, settings)
     assert len(ro.steps) == 2
     calls = {"n": 0}
     velocity = backend.velocity
@@ -302,7 +286,7 @@ def test_an_fsdp_rank_without_trained_samples_joins_every_forward_at_weight_zero
         calls["n"] = 0
         optimizer = _RecordingOptimizer(params)
         adv = group_advantages(torch.tensor(rewards), cfg.train.group_size)
-        out = update(backend, optimizer, params, ro, adv, cfg, sigmas, guidance, noise_level, parallel=parallel)
+        out = update(backend, optimizer, params, ro, adv, methods, sigmas, noise_level, upd, parallel=parallel)
         return calls["n"], optimizer.steps, out
 
     # One process, every sample trained: 2 micro-batches × 2 steps × (policy + KL reference) forwards.

@@ -51,7 +51,7 @@ def save_tiny_clip(directory: Path, seed: int = 0, logit_scale: float = 4.6052) 
     """A CLIPModel (vision 32², patch 8, projection 16) and its tokenizer; exp(logit_scale) ≈ 100."""
     from transformers import CLIPConfig, CLIPModel
 
-    from trainer.toy.model import build_tokenizer
+    from trainer.world.vocabulary import build_tokenizer
 
     tokenizer = build_tokenizer(WORDS)
     ids = dict(

@@ -2,7 +2,7 @@
 
 Layout under ``<run>/checkpoints/``: one folder per saved iteration, ``iter_000010/`` holding
 ``state.pt`` (LoRA weights, optimizer, EMA, RNG states, iteration, PCVAE calibration, log history),
-``lora.safetensors`` (the DESIGN §8 export) and a ``COMPLETE`` marker written last. A folder is built
+``lora.safetensors`` (the docs/design.md §8 export) and a ``COMPLETE`` marker written last. A folder is built
 under a temporary name and renamed into place, so a run killed at any moment leaves either a complete
 checkpoint or an ignorable ``.tmp-*`` folder — never a half-written one that resume would trust.
 """

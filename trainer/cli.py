@@ -10,6 +10,7 @@ import os
 import sys
 
 from comfy_pec import PECError, __version__
+from comfy_pec.kinds import STEP_KIND_NAMES
 
 _DESCRIPTION = """\
 PEC: perceptual-entropy GRPO for flow-matching text-to-image models (SD3/SD3.5, FLUX.1).
@@ -68,7 +69,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         num_steps=args.steps,
         guidance_scale=args.cfg,
         resolution=args.resolution,
-        sde="flow_sde" if args.sde == "ode" else args.sde,
+        sde=args.sde,
         noise_level=noise_level,
         batch_size=args.batch_size,
     )
@@ -154,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's)")
     p.add_argument("--resolution", type=int, help="image side in pixels (default: the model's)")
-    p.add_argument("--sde", choices=["ode", "flow_sde", "cps"], default="ode", help="sampler (default ode)")
+    p.add_argument("--sde", choices=STEP_KIND_NAMES, default="ode", help="sampler (default ode)")
     p.add_argument("--noise-level", type=float, help="SDE noise level a (default: the model's)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--upscale", type=int, default=2, help="enlarge tiles in the grid (nearest-neighbour)")

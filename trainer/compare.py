@@ -1,4 +1,4 @@
-"""Compare evaluations side by side: the paper's Table-1 layout and its plots (paper §5.2, DESIGN §7).
+"""Compare evaluations side by side: the paper's Table-1 layout and its plots (paper §5.2, docs/design.md §7).
 
 Input: eval directories written by :func:`trainer.evaluation.run_eval` (``metrics.json`` inside). A
 directory that holds eval directories one level down (a ``pec eval --out`` folder, or a training run's
@@ -83,7 +83,7 @@ def overall_table(
     diversity_cols: Sequence[str],
     higher_is_better: Mapping[str, bool] | None = None,
 ) -> list[dict]:
-    """Add the paper's Norm.Avg (quality), Norm.Avg (diversity) and Overall to each row (DESIGN §7).
+    """Add the paper's Norm.Avg (quality), Norm.Avg (diversity) and Overall to each row (docs/design.md §7).
 
     Args:
         rows: one mapping per compared method, column → raw value (other keys pass through).

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from comfy_pec import PECError
+from comfy_pec.kinds import SDE_KINDS
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -75,17 +76,18 @@ class ModelConfig(_Section):
 
 
 class WindowConfig(_Section):
-    """Which sampling steps are stochastic and trained (DESIGN §3 windows)."""
+    """Which sampling steps are stochastic and trained (docs/design.md §3 windows)."""
 
-    rule: Literal["all", "window", "sliding", "egrpo"] = Field(
+    rule: Literal["all", "steps", "sliding", "egrpo"] = Field(
         "all",
-        description="all: every step SDE; window: `size` SDE steps from a drawn start (Flow-GRPO-Fast); sliding: "
+        description="all: every step SDE; steps: `size` SDE steps from a start drawn in [start_min, start_max] "
+        "each iteration (Flow-GRPO-Fast); sliding: "
         "MixGRPO's window moving to low noise every `shift_every` iterations; egrpo: E-GRPO's merged jumps, one "
         "per iteration in turn, ODE elsewhere, each group sharing its initial noise and ODE prefix",
     )
-    size: int = Field(2, ge=1, description="number of SDE steps (window / sliding)")
-    start_min: int = Field(0, ge=0, description="window: earliest start step")
-    start_max: int = Field(0, ge=0, description="window: latest start step (drawn per iteration)")
+    size: int = Field(2, ge=1, description="number of SDE steps (steps / sliding)")
+    start_min: int = Field(0, ge=0, description="steps: earliest start step")
+    start_max: int = Field(0, ge=0, description="steps: latest start step (drawn per iteration)")
     shift_every: int = Field(25, ge=1, description="sliding: iterations between moves")
     stride: int = Field(1, ge=1, description="sliding: steps moved each time")
     tau: float = Field(
@@ -104,7 +106,7 @@ class SamplingConfig(_Section):
     resolution: int | None = Field(None, gt=0)
     num_steps: int | None = Field(None, ge=2)
     guidance_scale: float | None = Field(None, ge=0)
-    sde: Literal["flow_sde", "cps"] = "flow_sde"
+    sde: Literal[SDE_KINDS] = Field("flow_sde", description="the step kind of the trained steps")
     noise_level: float | None = Field(None, gt=0, le=1.5)
     shared_init_noise: bool = Field(
         False,
@@ -115,7 +117,7 @@ class SamplingConfig(_Section):
 
 
 class LoraConfig(_Section):
-    """The trained adapter (DESIGN §4 defaults for SD3: r=32, α=64 on attention)."""
+    """The trained adapter (docs/design.md §4 defaults for SD3: r=32, α=64 on attention)."""
 
     rank: int = Field(32, ge=1)
     alpha: float = Field(64.0, gt=0)
@@ -141,7 +143,7 @@ class EmaConfig(_Section):
 
 
 class EntropyRegConfig(_Section):
-    """Entropy regularisation (DESIGN §6): loss − β_H·mean(e_θ), e_θ a sample-based entropy estimate."""
+    """Entropy regularisation (docs/design.md §6): loss − β_H·mean(e_θ), e_θ a sample-based entropy estimate."""
 
     kind: Literal["none", "native", "perceptual"] = Field(
         "none",
@@ -153,7 +155,7 @@ class EntropyRegConfig(_Section):
 
 
 class CovConfig(_Section):
-    """Clip-Cov / KL-Cov (DESIGN §6, App. C): act on the transitions of highest cov = (log p - mean)(A - mean)."""
+    """Clip-Cov / KL-Cov (docs/design.md §6, App. C): act on the transitions of highest cov = (log p - mean)(A - mean)."""
 
     kind: Literal["none", "clip_cov", "kl_cov"] = Field(
         "none", description="clip_cov: detach the selected transitions; kl_cov: add kl_beta·KL(θ‖old) on them"
@@ -166,7 +168,7 @@ class CovConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """The GRPO loop (DESIGN §4)."""
+    """The GRPO loop (docs/design.md §4)."""
 
     iterations: int = Field(100, ge=1)
     prompts_per_iteration: int = Field(4, ge=1, description="groups per iteration")
@@ -200,7 +202,7 @@ class RewardTerm(_Section):
 
 
 class PecConfig(_Section):
-    """Perceptual-entropy reward shaping (DESIGN §5)."""
+    """Perceptual-entropy reward shaping (docs/design.md §5)."""
 
     method: Literal["none", "pec", "pcvae"] = "none"
     beta: float = Field(0.5, ge=0)
@@ -217,7 +219,7 @@ class PecConfig(_Section):
 
 
 class DriftConfig(_Section):
-    """DRIFT (DESIGN §6), each part on its own switch; all off by default."""
+    """DRIFT (docs/design.md §6), each part on its own switch; all off by default."""
 
     subset: bool = Field(False, description="(i) drop each group's reward outliers before normalising")
     subset_threshold: float = Field(
@@ -247,7 +249,6 @@ class CheckpointConfig(_Section):
 class ReportConfig(_Section):
     grid_seeds: list[int] = Field(default_factory=lambda: list(range(8)))
     grid_prompts: int = Field(4, ge=1, description="eval prompts shown in the before/after grids")
-    diversity_every: int = Field(1, ge=1)
 
 
 class FsdpConfig(_Section):
@@ -294,16 +295,6 @@ class Config(_Section):
     distributed: DistributedConfig = DistributedConfig()
     run: RunConfig = RunConfig()
 
-    @property
-    def uses_perceptual_stats(self) -> bool:
-        """Whether the method itself needs the rollout's perceptual energies or final-image features."""
-        cov = self.train.cov
-        return (
-            self.pec.method != "none"
-            or (cov.kind != "none" and cov.space == "perceptual")
-            or self.drift.diversity_alpha > 0
-        )
-
     @model_validator(mode="after")
     def _cross_field_rules(self) -> Config:
         t = self.train
@@ -330,7 +321,7 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _method_rules(self) -> Config:
-        """Combinations of the DESIGN §6 methods that cannot work, each named."""
+        """Combinations of the docs/design.md §6 methods that cannot work, each named."""
         if self.sampling.window.rule == "egrpo":
             if self.sampling.sde != "flow_sde":
                 raise ValueError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from comfy_pec import PECError
+from comfy_pec.kinds import STEP_KIND_NAMES
 
 
 def _names(text: str) -> list[str]:
@@ -131,7 +132,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--max-prompts", type=int, help="use only the first N prompts")
     p.add_argument("--per-prompt", type=int, default=30, help="images per prompt (default 30, as the paper)")
     p.add_argument("--seed-base", type=int, default=1000, help="seed of image 0 of every prompt (default 1000)")
-    p.add_argument("--sde", choices=["ode", "flow_sde", "cps"], default="ode", help="sampler (default ode)")
+    p.add_argument("--sde", choices=STEP_KIND_NAMES, default="ode", help="sampler (default ode)")
     p.add_argument("--noise-level", type=float, help="SDE noise level a (default: the model's)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's eval steps)")
     p.add_argument("--cfg", type=float, help="guidance scale (default: the model's)")

@@ -1,4 +1,4 @@
-"""Quality–diversity evaluation of a model with or without a LoRA (paper §5.1, DESIGN §7).
+"""Quality–diversity evaluation of a model with or without a LoRA (paper §5.1, docs/design.md §7).
 
 ``run_eval`` samples N images per prompt at fixed seeds and measures them. One *eval directory* holds
 one (model, LoRA set, sampler settings) combination::
@@ -38,11 +38,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from comfy_pec import PECError
-from comfy_pec.diversity import feature_variance, vendi_score
 from comfy_pec.encoders import ENCODERS, load_encoder
+from comfy_pec.kinds import STEP_KIND_NAMES
 
 from .backends import EMBEDDED_MODEL, load_backend
 from .grids import to_uint8
+from .metrics import score_images
 from .rewards import REWARDS
 from .sampling import sample_images
 
@@ -204,7 +205,7 @@ def _sample_missing(
                 num_steps=sampler.num_steps,
                 guidance_scale=sampler.guidance_scale,
                 resolution=sampler.resolution,
-                sde="flow_sde" if sampler.sde == "ode" else sampler.sde,
+                sde=sampler.sde,
                 noise_level=sampler.noise_level,
                 batch_size=size,
                 progress=False,
@@ -294,25 +295,13 @@ def measure(
     for spec in encoders:
         name, path = parse_encoder_spec(spec)
         models[name] = load_encoder(name, normalize=False, device=device, path=path)
-    n_prompts, n = len(files), len(files[0])
     flat = [(i, f) for i, row in enumerate(files) for f in row]
-    scores = {name: [] for name in reward_fns}
-    feats = {name: [] for name in models}
-    for start in tqdm(range(0, len(flat), batch_size), desc="metrics", disable=not progress):
-        chunk = flat[start : start + batch_size]
-        images = load_images([f for _, f in chunk])
-        chunk_prompts = [prompts[i] for i, _ in chunk]
-        for name, fn in reward_fns.items():
-            scores[name].append(fn(images, chunk_prompts).float().cpu())
-        for name, enc in models.items():
-            feats[name].append(enc(images.to(device)).float().cpu())
-    metrics = {name: torch.cat(v).reshape(n_prompts, n).mean(1) for name, v in scores.items()}
-    features = {name: torch.cat(v).reshape(n_prompts, n, -1) for name, v in feats.items()}
-    for name, x in features.items():
-        metrics[f"vendi/{name}"] = vendi_score(x, q=1.0)  # batched over prompts
-        metrics[f"variance/{name}"] = feature_variance(x)
-        metrics[f"variance_norm/{name}"] = feature_variance(x, normalize=True)
-    return metrics, features
+    starts = range(0, len(flat), batch_size)
+    batches = (
+        (load_images([f for _, f in flat[s : s + batch_size]]), [prompts[i] for i, _ in flat[s : s + batch_size]])
+        for s in tqdm(starts, desc="metrics", disable=not progress)
+    )
+    return score_images(batches, len(files), reward_fns, models, device)
 
 
 def write_metrics(eval_dir: Path, summary: dict) -> None:
@@ -343,8 +332,8 @@ def resolve_sampler(
     dtype: str,
 ) -> SamplerSettings:
     """Unset values from the model's ``defaults`` (as :func:`trainer.sampling.sample_images` would)."""
-    if sde not in ("ode", "flow_sde", "cps"):
-        raise PECError(f"unknown sampler {sde!r}; expected ode, flow_sde or cps")
+    if sde not in STEP_KIND_NAMES:
+        raise PECError(f"unknown sampler {sde!r}; expected one of {', '.join(STEP_KIND_NAMES)}")
     level = 0.0 if sde == "ode" else float(defaults["noise_level"] if noise_level is None else noise_level)
     return SamplerSettings(
         num_steps=int(num_steps or defaults.get("eval_num_steps") or defaults["num_steps"]),

@@ -1,4 +1,4 @@
-"""GRPO pieces (DESIGN §4): group advantages and the clipped policy-gradient surrogate."""
+"""GRPO pieces (docs/design.md §4): group advantages and the clipped policy-gradient surrogate."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Perceptual quantities of a rollout (DESIGN §5), measured on the stored tensors without gradient.
+"""Perceptual quantities of a rollout (docs/design.md §5), measured on the stored tensors without gradient.
 
 For every trained stochastic step the rollout buffer already holds the sampled ``x'`` and the
 old-policy mean ``μ_old``. Both are decoded by the VAE and embedded by the perceptual encoder ``g``
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from comfy_pec.diversity import perceptual_energy, perceptual_entropy
+from comfy_pec.perceptual import perceptual_energy, perceptual_entropy
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 

@@ -10,7 +10,7 @@ from comfy_pec import PECError
 
 def _toy(split: str, extended: bool) -> Callable[[], list[str]]:
     def build() -> list[str]:
-        from trainer.toy import world
+        from trainer.world import scenes as world
 
         return world.train_prompts(extended) if split == "train" else world.heldout_prompts(extended)
 

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import torch
 
-from comfy_pec.diversity import vendi_score
-
 from .backends import Backend
 from .config import Config
 from .grids import image_grid
+from .metrics import image_batches, score_images
 from .prompts import resolve_prompts
 from .runlog import read_log
 from .sampling import sample_images
@@ -51,18 +50,12 @@ def plot_curves(rows: list[dict], path: Path) -> None:
 def evaluate_grid(backend: Backend, prompts: list[str], seeds: list[int], encoder, reward_fn) -> dict:
     """Samples every prompt at every seed (ODE); returns the images, the mean reward (total and per
     term, ``reward/<name>``) and the mean per-prompt Vendi in the encoder's space."""
-    images = sample_images(
-        backend, [p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds], progress=False
-    )
-    reward, parts = reward_fn(images, [p for p in prompts for _ in seeds])
-    feats = encoder(images.to(backend.device)).float().cpu()
-    vendi = vendi_score(feats.reshape(len(prompts), len(seeds), -1))
-    return {
-        "images": images,
-        "reward": float(reward.nanmean()),
-        **{f"reward/{name}": float(values.nanmean()) for name, values in parts.items()},
-        "vendi": float(vendi.mean()),
-    }
+    all_prompts = [p for p in prompts for _ in seeds]
+    images = sample_images(backend, all_prompts, [s for _ in prompts for s in seeds], progress=False)
+    batches = image_batches(images, all_prompts, len(images))
+    metrics, _ = score_images(batches, len(prompts), {"reward": reward_fn}, {"encoder": encoder}, backend.device)
+    means = {name: float(values.mean()) for name, values in metrics.items() if name.startswith("reward")}
+    return {"images": images, **means, "vendi": float(metrics["vendi/encoder"].mean())}
 
 
 def write_report(

@@ -15,11 +15,10 @@ import torch
 from tqdm.auto import tqdm
 
 from comfy_pec import PECError
-from comfy_pec.sde import cps_step, flow_sde_step, gaussian_log_prob, ode_step
+from comfy_pec.sde import gaussian_log_prob, ode_step, step_kind, stochastic_steps
 
 from .backends.base import Backend, PromptEmbeds
 
-SDE_STEPS = {"flow_sde": flow_sde_step, "cps": cps_step}
 Generators = torch.Generator | Sequence[torch.Generator] | None
 NoiseLevel = float | torch.Tensor
 
@@ -34,7 +33,7 @@ class StepRecord:
         next_latents: the sampled ``x'`` ``[B, ...]``.
         mean: the step mean ``μ_old`` ``[B, ...]``.
         std: ``std_step`` (0-d, or broadcastable ``[B, 1, ...]``).
-        log_prob: ``log p_old(x' | x)`` ``[B]`` (reduction "mean", DESIGN §3).
+        log_prob: ``log p_old(x' | x)`` ``[B]`` (reduction "mean", docs/design.md §3).
         next_x0: the clean prediction ``x̂0(x') = x' - σ'·v(x', σ')``, free from the next step's
             velocity (``None`` until that step ran).
     """
@@ -88,7 +87,8 @@ def denoise(
 
     Args:
         sigmas: ``[N + 1]`` decreasing, ending in 0.
-        sde: ``"flow_sde"`` or ``"cps"``, used on the steps where ``stochastic`` is True.
+        sde: the step kind (``comfy_pec.sde.STEP_KINDS``) of the steps where ``stochastic`` is True;
+            ``"ode"`` samples every step with the Euler ODE.
         noise_level: the SDE noise level ``a``, or one per step ``[N]`` (E-GRPO's merged jump has its own).
         stochastic: bool ``[N]`` (see ``comfy_pec.sde.stochastic_steps``); default: all ODE.
         generators: CPU generator(s) for the step noise (one per sample for batch-independent images).
@@ -96,13 +96,11 @@ def denoise(
     Returns:
         ``(final latents [B, ...] float32, records)``.
     """
-    if sde not in SDE_STEPS:
-        raise PECError(f"unknown SDE {sde!r}; expected one of {sorted(SDE_STEPS)}")
     num_steps = len(sigmas) - 1
     stochastic = torch.zeros(num_steps, dtype=torch.bool) if stochastic is None else stochastic
     if len(stochastic) != num_steps:
         raise PECError(f"window mask has {len(stochastic)} entries for {num_steps} steps")
-    step_fn = SDE_STEPS[sde]
+    step_fn = step_kind(sde)
     x = latents.float()
     records: list[StepRecord] = []
     sigma_1 = float(sigmas[1])
@@ -112,7 +110,7 @@ def denoise(
         if records and records[-1].index == i - 1:
             records[-1].next_x0 = x - sigma * v
         level = step_noise_level(noise_level, i)
-        if bool(stochastic[i]) and level > 0:
+        if bool(stochastic[i]) and level > 0 and sde != "ode":
             noise = seeded_noise(x.shape, generators, x.device)
             res = step_fn(x, v, sigma, sigma_next, level, noise=noise, sigma_1=sigma_1)
             if record:
@@ -142,7 +140,7 @@ def sample_images(
 
     The initial noise and any step noise of image i come from ``torch.Generator().manual_seed(seeds[i])``
     on the CPU, so a (prompt, seed) pair gives the same image in any batch and on any device.
-    ``noise_level = 0`` (default) samples with the ODE; otherwise every step but the last is ``sde``.
+    ``sde="ode"`` or ``noise_level = 0`` samples with the ODE; otherwise every step but the last is ``sde``.
     Unset arguments take the model's defaults (``backend.defaults``).
     """
     if len(prompts) != len(seeds):
@@ -152,8 +150,7 @@ def sample_images(
     guidance_scale = float(d["guidance_scale"] if guidance_scale is None else guidance_scale)
     size = int(resolution or d["resolution"])
     sigmas = backend.schedule(num_steps, size, size)
-    stochastic = torch.ones(num_steps, dtype=torch.bool)
-    stochastic[-1] = False
+    stochastic = stochastic_steps("all", num_steps)
     shape = backend.latent_shape(size, size)
     out = []
     starts = range(0, len(prompts), batch_size)

@@ -9,6 +9,7 @@ import logging
 import os
 
 from .. import PECError
+from ..kinds import SAMPLER_WINDOWS, SDE_KINDS
 from .spec import In, NodeResult, NodeSpec, Out
 
 __all__ = ["SPECS", "encoder_folders"]
@@ -17,8 +18,8 @@ log = logging.getLogger("comfy_pec")
 
 TOY_CHOICE = "toy (embedded)"
 ENCODER_FOLDER = "pec_encoders"
-SAMPLER_METHODS = ["flow_sde", "cps"]
-WINDOWS = ["all", "steps", "sigmas"]
+SAMPLER_METHODS = list(SDE_KINDS)
+WINDOWS = list(SAMPLER_WINDOWS)
 
 
 # ----------------------------------------------------------------------------- LoRA loader
@@ -103,12 +104,15 @@ def _require_flow_model(model, node: str) -> None:
 def _flow_sampler(method, noise_level, window, window_start, window_count, sigma_high, sigma_low):
     import comfy.samplers
 
-    from ..flow_sampler import sample_flow, sde_window
+    from ..flow_sampler import sample_flow
+    from ..sde import stochastic_steps
 
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
         extra_args = {} if extra_args is None else extra_args
         _require_flow_model(model, "PEC Flow SDE Sampler")
-        mask = sde_window(sigmas, window, window_start, window_count, sigma_high, sigma_low)
+        mask = stochastic_steps(
+            window, sigmas, start=window_start, size=window_count, sigma_low=sigma_low, sigma_high=sigma_high
+        )
 
         def report(i, denoised, x_i):
             if callback is not None:
@@ -435,7 +439,7 @@ SPECS = [
         "PECPerceptualEntropy",
         "PEC Perceptual Entropy",
         "PEC/diversity",
-        "Perceptual entropy of one sampling step (DESIGN §5): Euler up to `step`, then that Flow-SDE/CPS step "
+        "Perceptual entropy of one sampling step (docs/design.md §5): Euler up to `step`, then that Flow-SDE/CPS step "
         "`repeats` times from the same state; the draws (and the step mean) are decoded and embedded.",
         [
             In("guider", "GUIDER"),

@@ -25,7 +25,7 @@ from comfy_pec.sde import flux_schedule
 from .base import PromptEmbeds, Sigma
 from .pipeline import PipelineBackend
 
-#: Flow-GRPO's FLUX.1-dev settings (DESIGN §4); a model directory's pec.json overrides them.
+#: Flow-GRPO's FLUX.1-dev settings (docs/design.md §4); a model directory's pec.json overrides them.
 FLUX_DEFAULTS: dict[str, Any] = {
     "resolution": 512,
     "num_steps": 6,

@@ -78,7 +78,7 @@ class PipelineBackend(Backend):
     #: the diffusers pipeline class (``model_index.json`` ``_class_name``) and its transformer class.
     pipeline_class: str
     transformer_class: str
-    #: the family's sampling defaults (Flow-GRPO's settings, DESIGN §4).
+    #: the family's sampling defaults (Flow-GRPO's settings, docs/design.md §4).
     builtin_defaults: dict[str, Any]
     #: pipeline attributes holding text encoders.
     text_encoder_names: tuple[str, ...]

@@ -1,7 +1,7 @@
 """Randomly initialised SD3.5 / FLUX.1 pipelines built from configs, for tests and benchmarks (no download).
 
 Every component is a stock diffusers / transformers class; the tokenizers are built offline (a CLIP
-BPE tokenizer over the embedded world's words, :func:`trainer.toy.model.tokenizer_files`, and a T5
+BPE tokenizer over the embedded world's words, :func:`trainer.world.vocabulary.tokenizer_files`, and a T5
 Unigram tokenizer over the same words plus single letters). :data:`SPECS` holds the real sizes of
 SD3.5-Medium and FLUX.1-dev (the published configs) and tiny ones whose text widths match the tiny
 transformers of the tests. Saved with :func:`save_pipeline`, a pipeline loads back through
@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..world.vocabulary import VOCABULARY, tokenizer_files, write_tokenizer_files
 from .base import DEFAULTS_FILE
 
 
@@ -32,6 +33,11 @@ class PipelineSpec:
     t5: dict[str, Any] | None
     clip_max_length: int = 77
     defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+    scheduler: dict[str, Any] | None = None  # FlowMatchEulerDiscreteScheduler; None = the family's
+
+    def with_overrides(self, **parts: dict[str, Any]) -> PipelineSpec:
+        """This spec with entries of its config dicts replaced, e.g. ``transformer={"num_layers": 2}``."""
+        return dataclasses.replace(self, **{k: {**getattr(self, k), **v} for k, v in parts.items()})
 
 
 def _vae(blocks: tuple[int, ...], layers: int, groups: int, scaling: float, shift: float) -> dict[str, Any]:
@@ -175,19 +181,11 @@ SPECS: dict[str, PipelineSpec] = {
 # ----------------------------------------------------------------------------- tokenizers
 
 
-def _words() -> tuple[str, ...]:
-    from trainer.toy.model import VOCABULARY
-
-    return VOCABULARY
-
-
 def clip_tokenizer(max_length: int):
     """A CLIP BPE tokenizer (one token per world word, bytes otherwise); BOS and EOS are its last ids."""
     from transformers import CLIPTokenizer
 
-    from trainer.toy.model import tokenizer_files
-
-    vocab, merges = tokenizer_files(_words())
+    vocab, merges = tokenizer_files(VOCABULARY)
     return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=max_length)
 
 
@@ -197,7 +195,7 @@ def t5_tokenizer(max_length: int = 512):
     from transformers import T5TokenizerFast
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    pieces += [("▁" + w, -1.0) for w in _words()] + [(c, -5.0) for c in "▁abcdefghijklmnopqrstuvwxyz0123456789"]
+    pieces += [("▁" + w, -1.0) for w in VOCABULARY] + [(c, -5.0) for c in "▁abcdefghijklmnopqrstuvwxyz0123456789"]
     tok = Tokenizer(models.Unigram(pieces, unk_id=2))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
@@ -230,66 +228,60 @@ def _text_encoder(cls, config_cls, config: dict[str, Any], tokenizer, device, dt
     return cls(config_cls(**config)).to(device, dtype).eval()
 
 
-def build_pipeline(spec: PipelineSpec | str, seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32):
-    """A randomly initialised pipeline of ``spec`` (a :data:`SPECS` name or a spec); VAE in float32.
+_FAMILY_SCHEDULERS: dict[str, dict[str, Any]] = {
+    "sd3": dict(shift=3.0),
+    "flux": dict(
+        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+    ),
+}
 
-    Each module is initialised on ``device`` in float32, then cast, so a real-size model never holds
-    a float32 copy of more than one module.
+
+def build_pipeline(spec: PipelineSpec | str, seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32):
+    """A randomly initialised pipeline of ``spec`` (a :data:`SPECS` name or a spec) in eval mode; VAE in float32.
+
+    The one builder of every pipeline the project makes: the embedded model's recipe
+    (``trainer.toy.model.EMBEDDED_SPEC``), the tests' tiny models and real-size benchmarks. With the global
+    generator seeded by ``seed``, the text encoders are initialised first, then the VAE, then the transformer.
+    Each module is initialised on ``device`` in float32, then cast, so a real-size model never holds a float32
+    copy of more than one module.
     """
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     spec = SPECS[spec] if isinstance(spec, str) else spec
+    sd3 = spec.family == "sd3"
     torch.manual_seed(seed)
     with torch.device(device):
+        clip_tok, t5_tok = clip_tokenizer(spec.clip_max_length), t5_tokenizer()
+        clip_cls = CLIPTextModelWithProjection if sd3 else CLIPTextModel
+        text_encoder = _text_encoder(clip_cls, CLIPTextConfig, spec.clip, clip_tok, device, dtype)
+        clip_2 = _text_encoder(clip_cls, CLIPTextConfig, spec.clip_2, clip_tok, device, dtype) if spec.clip_2 else None
+        t5 = _text_encoder(T5EncoderModel, T5Config, spec.t5, t5_tok, device, dtype) if spec.t5 else None
         vae = diffusers.AutoencoderKL(**spec.vae).eval()
-        if spec.family == "sd3":
-            transformer = diffusers.SD3Transformer2DModel(**spec.transformer).to(dtype).eval()
-        else:
-            transformer = diffusers.FluxTransformer2DModel(**spec.transformer).to(dtype).eval()
-        clip_tok = clip_tokenizer(spec.clip_max_length)
-        t5_tok = t5_tokenizer()
-        parts: dict[str, Any] = dict(transformer=transformer, vae=vae, tokenizer=clip_tok)
-        if spec.family == "sd3":
+        transformer_cls = diffusers.SD3Transformer2DModel if sd3 else diffusers.FluxTransformer2DModel
+        transformer = transformer_cls(**spec.transformer).to(dtype).eval()
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**(spec.scheduler or _FAMILY_SCHEDULERS[spec.family]))
+        parts: dict[str, Any] = dict(transformer=transformer, vae=vae, tokenizer=clip_tok, scheduler=scheduler)
+        if sd3:
             parts.update(
-                text_encoder=_text_encoder(
-                    CLIPTextModelWithProjection, CLIPTextConfig, spec.clip, clip_tok, device, dtype
-                ),
-                text_encoder_2=_text_encoder(
-                    CLIPTextModelWithProjection, CLIPTextConfig, spec.clip_2, clip_tok, device, dtype
-                ),
+                text_encoder=text_encoder,
+                text_encoder_2=clip_2,
                 tokenizer_2=clip_tokenizer(spec.clip_max_length),
-                text_encoder_3=_text_encoder(T5EncoderModel, T5Config, spec.t5, t5_tok, device, dtype)
-                if spec.t5
-                else None,
-                tokenizer_3=t5_tok if spec.t5 else None,
-                scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+                text_encoder_3=t5,
+                tokenizer_3=t5_tok if t5 is not None else None,
             )
             return diffusers.StableDiffusion3Pipeline(**parts)
-        parts.update(
-            text_encoder=_text_encoder(CLIPTextModel, CLIPTextConfig, spec.clip, clip_tok, device, dtype),
-            text_encoder_2=_text_encoder(T5EncoderModel, T5Config, spec.t5, t5_tok, device, dtype),
-            tokenizer_2=t5_tok,
-            scheduler=diffusers.FlowMatchEulerDiscreteScheduler(
-                use_dynamic_shifting=True,
-                base_shift=0.5,
-                max_shift=1.15,
-                base_image_seq_len=256,
-                max_image_seq_len=4096,
-            ),
-        )
+        parts.update(text_encoder=text_encoder, text_encoder_2=t5, tokenizer_2=t5_tok)
         return diffusers.FluxPipeline(**parts)
 
 
 def save_pipeline(pipe, directory: str | Path, defaults: dict[str, Any] | None = None) -> Path:
     """``save_pretrained`` (safetensors) plus the CLIP tokenizers' vocab.json / merges.txt and ``pec.json``."""
-    from trainer.toy.model import write_tokenizer_files
-
     directory = Path(directory)
     pipe.save_pretrained(directory, safe_serialization=True)
     for name in ("tokenizer", "tokenizer_2"):
         if type(getattr(pipe, name, None)).__name__.startswith("CLIPTokenizer"):
-            write_tokenizer_files(directory / name, _words())
+            write_tokenizer_files(directory / name, VOCABULARY)
     if defaults:
         (directory / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2, sort_keys=True) + "\n")
     return directory

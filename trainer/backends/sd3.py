@@ -18,7 +18,7 @@ from comfy_pec.sde import sd3_schedule
 from .base import PromptEmbeds, Sigma
 from .pipeline import PipelineBackend
 
-#: Flow-GRPO's SD3.5-M settings (DESIGN §4); a model directory's pec.json overrides them.
+#: Flow-GRPO's SD3.5-M settings (docs/design.md §4); a model directory's pec.json overrides them.
 SD3_DEFAULTS: dict[str, Any] = {
     "resolution": 512,
     "num_steps": 10,

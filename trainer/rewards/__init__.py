@@ -33,7 +33,7 @@ def _toy(name: str) -> Callable[..., RewardFn]:
     def factory(path: str | None = None, device=None) -> RewardFn:
         if path is not None:
             raise PECError(f"reward {name!r} is model-free: it takes no path (got {path!r})")
-        from trainer.toy import rewards
+        from trainer.world import rewards
 
         return getattr(rewards, f"{name.removeprefix('toy_')}_reward")
 

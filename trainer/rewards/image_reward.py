@@ -12,7 +12,7 @@ Architecture (BLIP ITM-style, ImageReward's ``score``):
 - text: BLIP's BERT-base ("med") with cross-attention to ``v`` in every layer, bidirectional, on
   the prompt tokenised by ``bert-base-uncased`` plus ``[DEC]`` / ``[ENC]`` specials, padded to 35
   tokens; the ``[CLS]`` output is the 768-d prompt-conditioned feature ``f``
-  (:class:`~transformers.BlipTextModel`; ``f`` is also the "ImageReward space" of DESIGN §7);
+  (:class:`~transformers.BlipTextModel`; ``f`` is also the "ImageReward space" of docs/design.md §7);
 - head: ``768 → 1024 → 128 → 64 → 16 → 1`` linear layers, no activation (dropout in training only);
 - ``r = (head(f) - μ) / σ`` with μ = 0.16717362830052426, σ = 1.0333394966054072 (the constants in
   ImageReward's ``ImageReward.__init__``).
@@ -205,7 +205,7 @@ class ImageReward(ModelReward):
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """The 768-d prompt-conditioned features ``[B, 768]`` (DESIGN §7's ImageReward space), CPU."""
+        """The 768-d prompt-conditioned features ``[B, 768]`` (docs/design.md §7's ImageReward space), CPU."""
         return self.batched(lambda x, p: self.model.features(*self._inputs(x, p)), images, list(prompts)).cpu()
 
     def score_batch(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

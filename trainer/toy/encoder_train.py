@@ -28,8 +28,7 @@ from tqdm.auto import tqdm
 
 from comfy_pec.encoders import ASSETS_DIR, TOY_ENCODER_CONFIG, ToyEncoder
 
-from .pretrain import _cosine_lr, render_dataset
-from .world import (
+from ..world.scenes import (
     BG_LUMA_RANGE,
     BG_TINT_MAX,
     COLOUR_NAMES,
@@ -40,6 +39,7 @@ from .world import (
     SYMMETRY,
     Scene,
 )
+from .pretrain import _cosine_lr, render_dataset
 
 DEFAULT_ENCODER_PATH = ASSETS_DIR / "toy_encoder.safetensors"
 

@@ -4,7 +4,7 @@ For each prompt, ``n`` samples are drawn with the backend (``trainer.sampling.sa
 the Euler ODE on the model's schedule, CFG, per-sample seeds) and compared with ``n`` images of
 the data distribution of the same prompt (``world.sample_scene`` on the prompt's spec):
 
-* adherence: mean :func:`~trainer.toy.rewards.adherence_reward` of the samples (and of the data,
+* adherence: mean :func:`~trainer.world.rewards.adherence_reward` of the samples (and of the data,
   for reference);
 * Vendi (q = 1) of the samples and of the data in the toy-encoder space, and their ratio -- how
   much of the prompt's natural variety the model reproduces.
@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from comfy_pec.diversity import vendi_score
 from comfy_pec.encoders import load_encoder
 
+from ..metrics import score_images
+from ..world.rewards import adherence_reward
+from ..world.scenes import heldout_prompts, index_rng, parse_prompt, render, sample_scene
 from .model import DEFAULT_MODEL_DIR
-from .rewards import adherence_reward
-from .world import heldout_prompts, index_rng, parse_prompt, render, sample_scene
 
 
 def data_images(prompt: str, n: int, seed: int = 0) -> torch.Tensor:
@@ -72,12 +72,14 @@ def evaluate_toy_model(
         )
         elapsed += time.perf_counter() - t0
         data = data_images(prompt, n, seed=seed * 1000 + k)
-        with torch.no_grad():
-            v_model = float(vendi_score(encoder(images)))
-            v_data = float(vendi_score(encoder(data)))
+        (model, _), (real, _) = (
+            score_images([(x, [prompt] * n)], 1, {"adherence": adherence_reward}, {"toy": encoder})
+            for x in (images, data)
+        )
+        v_model, v_data = float(model["vendi/toy"][0]), float(real["vendi/toy"][0])
         results[prompt] = dict(
-            adherence=float(adherence_reward(images, prompt).mean()),
-            adherence_data=float(adherence_reward(data, prompt).mean()),
+            adherence=float(model["adherence"][0]),
+            adherence_data=float(real["adherence"][0]),
             vendi=v_model,
             vendi_data=v_data,
             vendi_ratio=v_model / v_data,

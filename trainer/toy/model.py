@@ -27,163 +27,18 @@ Components (64x64 RGB images, 16x16x16 latents, 8x8 = 64 image tokens):
 
 from __future__ import annotations
 
-import json
-from collections import Counter
 from pathlib import Path
 
 import torch
 
-from .world import COLOURS, SHAPES, SIZE_WORDS
+from ..backends import EMBEDDED_MODEL
+from ..backends.random_init import PipelineSpec
+from ..world.vocabulary import MODEL_MAX_LENGTH, tokenizer_files
 
 #: where the shipped weights live (a ``StableDiffusion3Pipeline`` directory).
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "pretrained"
-PEC_CONFIG_NAME = "pec.json"
+DEFAULT_MODEL_DIR = Path(EMBEDDED_MODEL)
 
 RESOLUTION = 64
-
-# ----------------------------------------------------------------------------------------------
-# Tokenizer
-# ----------------------------------------------------------------------------------------------
-
-#: every word the grammar writes or :func:`trainer.toy.world.parse_prompt` accepts (synonyms,
-#: plurals, fillers), each of which becomes a single token.
-VOCABULARY: tuple[str, ...] = tuple(
-    sorted(
-        set(
-            list(SHAPES)
-            + [s + ("es" if s.endswith("ss") else "s") for s in SHAPES]
-            + ["plus", "disc", "disk"]
-            + list(COLOURS)
-            + ["violet", "turquoise"]
-            + list(SIZE_WORDS)
-            + ["little", "tiny", "big", "huge"]
-            + [
-                "a",
-                "an",
-                "the",
-                "on",
-                "at",
-                "in",
-                "to",
-                "of",
-                "and",
-                "with",
-                "next",
-                "beside",
-                "left",
-                "right",
-                "top",
-                "bottom",
-                "centre",
-                "center",
-                "middle",
-                "centred",
-                "centered",
-                "above",
-                "over",
-                "below",
-                "under",
-                "beneath",
-                "image",
-                "picture",
-                "photo",
-                "drawing",
-                "render",
-                "colour",
-                "color",
-                "shape",
-            ]
-        )
-    )
-)
-
-BOS_TOKEN = "<|startoftext|>"
-EOS_TOKEN = "<|endoftext|>"
-END_OF_WORD = "</w>"
-#: tokens per caption, BOS and EOS included (the longest grammar caption takes 12).
-MODEL_MAX_LENGTH = 16
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """The byte -> printable-character table of byte-level BPE (GPT-2 / CLIP): printable Latin-1
-    bytes map to themselves, the others to code points from 256 upwards."""
-    keep = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-def _learn_merges(words) -> list[tuple[str, str]]:
-    """Byte-pair merges that make every word of ``words`` one symbol (ends marked ``</w>``).
-
-    Plain BPE learning on the word list (each word counted once): repeatedly merge the most
-    frequent adjacent pair (ties: the lexicographically first), until no word has two symbols.
-    Encoding with these merges in rank order reproduces the learned segmentation, so each word
-    becomes exactly one token.
-    """
-    seqs = [list(w[:-1]) + [w[-1] + END_OF_WORD] for w in words]
-    merges = []
-    while True:
-        counts = Counter(p for s in seqs for p in zip(s, s[1:]))
-        if not counts:
-            return merges
-        top = max(counts.values())
-        best = min(p for p, c in counts.items() if c == top)
-        merges.append(best)
-        for k, s in enumerate(seqs):
-            out, i = [], 0
-            while i < len(s):
-                if i + 1 < len(s) and (s[i], s[i + 1]) == best:
-                    out.append(s[i] + s[i + 1])
-                    i += 2
-                else:
-                    out.append(s[i])
-                    i += 1
-            seqs[k] = out
-
-
-def tokenizer_files(words=VOCABULARY) -> tuple[dict[str, int], list[str]]:
-    """The CLIP BPE ``vocab.json`` dict and ``merges.txt`` lines for ``words``.
-
-    Layout as OpenAI's CLIP vocabulary: the 256 byte characters, the same with ``</w>``, one
-    entry per merge, then BOS and EOS (EOS doubles as pad and unknown token).
-    """
-    chars = list(_bytes_to_unicode().values())
-    merges = _learn_merges(words)
-    tokens = chars + [c + END_OF_WORD for c in chars] + ["".join(m) for m in merges]
-    tokens += [BOS_TOKEN, EOS_TOKEN]
-    return {t: i for i, t in enumerate(tokens)}, [f"{a} {b}" for a, b in merges]
-
-
-def write_tokenizer_files(directory: str | Path, words=VOCABULARY) -> tuple[Path, Path]:
-    """Write ``vocab.json`` and ``merges.txt`` into ``directory``; returns their paths."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab, merges = tokenizer_files(words)
-    vocab_file, merges_file = directory / "vocab.json", directory / "merges.txt"
-    vocab_file.write_text(json.dumps(vocab, ensure_ascii=False, indent=0), encoding="utf-8")
-    merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return vocab_file, merges_file
-
-
-def build_tokenizer(words=VOCABULARY):
-    """A ``CLIPTokenizer`` for the world's vocabulary (model_max_length :data:`MODEL_MAX_LENGTH`)."""
-    from transformers import CLIPTokenizer
-
-    vocab, merges = tokenizer_files(words)
-    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=MODEL_MAX_LENGTH)
-
-
-# ----------------------------------------------------------------------------------------------
-# Configs
-# ----------------------------------------------------------------------------------------------
 
 _VOCAB_SIZE = len(tokenizer_files()[0])
 
@@ -250,63 +105,18 @@ PEC_DEFAULTS = dict(
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=PEC_DEFAULTS["shift"])
 
 
-# ----------------------------------------------------------------------------------------------
-# Build / save / load
-# ----------------------------------------------------------------------------------------------
-
-
-def build_pipeline(
-    seed: int = 0,
-    transformer_config: dict | None = None,
-    vae_config: dict | None = None,
-    text_encoder_config: dict | None = None,
-    shift: float | None = None,
-):
-    """A randomly initialised tiny ``StableDiffusion3Pipeline`` (float32, CPU, eval mode).
-
-    The optional dicts override entries of the module configs; ``seed`` fixes every init.
-    """
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    text_cfg = CLIPTextConfig(**{**TEXT_ENCODER_CONFIG, **(text_encoder_config or {})})
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModelWithProjection(text_cfg)
-    text_encoder_2 = CLIPTextModelWithProjection(text_cfg)
-    vae = AutoencoderKL(**{**VAE_CONFIG, **(vae_config or {})})
-    transformer = SD3Transformer2DModel(**{**TRANSFORMER_CONFIG, **(transformer_config or {})})
-    scheduler = FlowMatchEulerDiscreteScheduler(**{**SCHEDULER_CONFIG, **({} if shift is None else {"shift": shift})})
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=build_tokenizer(),
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=build_tokenizer(),
-        text_encoder_3=None,
-        tokenizer_3=None,
-    )
-    for module in (text_encoder, text_encoder_2, vae, transformer):
-        module.eval()
-    return pipe
-
-
-def save_pipeline(pipe, directory: str | Path, defaults: dict | None = None) -> Path:
-    """Save ``pipe`` with ``save_pretrained`` (safetensors) plus ``pec.json`` and the tokenizers'
-    ``vocab.json`` / ``merges.txt``. Returns the directory."""
-    directory = Path(directory)
-    pipe.save_pretrained(directory, safe_serialization=True)
-    for sub in ("tokenizer", "tokenizer_2"):
-        write_tokenizer_files(directory / sub)
-    pec = {**PEC_DEFAULTS, **(defaults or {})}
-    (directory / PEC_CONFIG_NAME).write_text(json.dumps(pec, indent=2, sort_keys=True) + "\n")
-    return directory
+#: the embedded model's architecture, built by :func:`trainer.backends.random_init.build_pipeline`
+EMBEDDED_SPEC = PipelineSpec(
+    family="sd3",
+    transformer=TRANSFORMER_CONFIG,
+    vae=VAE_CONFIG,
+    clip=TEXT_ENCODER_CONFIG,
+    clip_2=TEXT_ENCODER_CONFIG,
+    t5=None,
+    clip_max_length=MODEL_MAX_LENGTH,
+    defaults=PEC_DEFAULTS,
+    scheduler=SCHEDULER_CONFIG,
+)
 
 
 def load_pipeline(directory: str | Path = DEFAULT_MODEL_DIR, dtype: torch.dtype = torch.float32):
@@ -319,13 +129,6 @@ def load_pipeline(directory: str | Path = DEFAULT_MODEL_DIR, dtype: torch.dtype 
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def read_defaults(directory: str | Path = DEFAULT_MODEL_DIR) -> dict:
-    """``pec.json`` of a model directory merged over :data:`PEC_DEFAULTS`."""
-    from ..backends.base import read_defaults as read_model_defaults
-
-    return read_model_defaults(str(directory), PEC_DEFAULTS)
 
 
 def safetensors_bytes(directory: str | Path) -> int:

@@ -3,7 +3,7 @@
 ``pec toy pretrain`` runs :func:`pretrain`, in four phases, each with a progress bar:
 
 1. data: render ``n_images`` (image, caption) pairs of the *train* split of
-   :class:`~trainer.toy.world.ShapesDataset` (the held-out colour x shape pairs never occur, not
+   :class:`~trainer.world.scenes.ShapesDataset` (the held-out colour x shape pairs never occur, not
    even as the second object of a pair), kept in memory as uint8;
 2. VAE: L1 reconstruction of the posterior mean plus a little Gaussian latent noise (the decoder
    learns to tolerate imperfect latents, which the flow model's samples are) and a small KL term;
@@ -32,8 +32,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .model import PEC_DEFAULTS, build_pipeline, load_pipeline, read_defaults, save_pipeline
-from .world import Scene, ShapesDataset, render
+from ..backends.base import read_defaults
+from ..backends.random_init import build_pipeline, save_pipeline
+from ..world.scenes import Scene, ShapesDataset, render
+from .model import EMBEDDED_SPEC, PEC_DEFAULTS, load_pipeline
 
 #: the recipe of the shipped weights (``pec toy pretrain`` with no options).
 PRETRAIN_DEFAULTS = dict(
@@ -288,14 +290,14 @@ def pretrain(
     is kept in ``pec.json`` under ``"pretrain"."continues"``.
     """
     from ..backends.sd3 import SD3Backend
-    from .rewards import adherence_reward
+    from ..world.rewards import adherence_reward
 
     unknown = set(overrides) - set(PRETRAIN_DEFAULTS)
     if unknown:
         raise TypeError(f"unknown pre-training settings {sorted(unknown)}")
     r = {**PRETRAIN_DEFAULTS, **overrides}
     if init_from is not None:
-        r["continues"] = read_defaults(init_from).get("pretrain")
+        r["continues"] = read_defaults(str(init_from), PEC_DEFAULTS).get("pretrain")
     seed = int(r["seed"])
     report: dict = {"recipe": r, "time_s": {}}
     clock = time.perf_counter()
@@ -312,7 +314,7 @@ def pretrain(
     lap("data")
 
     if init_from is None:
-        pipe = build_pipeline(seed).to(device)
+        pipe = build_pipeline(EMBEDDED_SPEC, seed).to(device)
         report["vae"] = train_vae(
             pipe.vae,
             images,
@@ -369,7 +371,7 @@ def pretrain(
     lap("flow")
 
     pipe.to("cpu", save_dtype)
-    save_pipeline(pipe, out_dir, {**(defaults or {}), "pretrain": r})
+    save_pipeline(pipe, out_dir, {**PEC_DEFAULTS, **(defaults or {}), "pretrain": r})
     lap("save")
     report["time_s"]["total"] = round(sum(report["time_s"].values()), 1)
     return report

@@ -4,7 +4,7 @@ Every image is a flat background with one or two flat-coloured geometric objects
 anti-aliased (4x4 supersampling of exact geometric inside-tests, box-filtered down) with numpy
 only. Captions come from a small grammar; attributes a caption does not name vary freely, so
 "a red circle" has a whole distribution of valid images (that spread is what the diversity
-metrics measure and what a reward like :func:`trainer.toy.rewards.preference_reward` collapses).
+metrics measure and what a reward like :func:`trainer.world.rewards.preference_reward` collapses).
 
 Generative distribution (all coordinates are fractions of the image side, y grows downwards)
 -------------------------------------------------------------------------------------------

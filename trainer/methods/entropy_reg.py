@@ -1,48 +1,21 @@
-"""Policy-loss terms of the related methods (DESIGN §6): Clip-Cov, KL-Cov and entropy regularisation.
+"""Entropy regularisation (docs/design.md §6): loss − β_H·mean(e_θ), e_θ a sample-based entropy estimate.
 
-Each acts on one trained step of one micro-batch, next to the clipped surrogate of :mod:`trainer.grpo`:
-B transitions (samples whose group is trained), their log-probabilities under θ, advantages, step means.
+``native``: ``e_θ = ||x' - μ_θ||²/(2·std²)`` in the latent space; ``perceptual``: the same in the perceptual
+encoder's space, with the gradient through the VAE decoder and the encoder.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from comfy_pec.diversity import perceptual_energy
+from comfy_pec.perceptual import perceptual_energy
+
+from .base import Method, RunContext, StepInputs
 
 Embed = Callable[[torch.Tensor], torch.Tensor]
-
-
-def top_covariance_mask(log_prob: torch.Tensor, advantages: torch.Tensor, fraction: float) -> torch.Tensor:
-    """The transitions Clip-Cov detaches and KL-Cov penalises (App. C): the top ``fraction`` by covariance.
-
-    ``cov_i = (log p_i - mean_j log p_j)·(A_i - mean_j A_j)`` over the B transitions; the ``⌈fraction·B⌉``
-    largest are selected (ties broken by index). ``log_prob`` ``[B]`` (no gradient is taken; the perceptual
-    variants pass ``log p_A = -h_A``), ``advantages`` ``[B]`` → bool ``[B]``.
-    """
-    lp, a = log_prob.detach().float(), advantages.detach().float().to(log_prob.device)
-    cov = (lp - lp.mean()) * (a - a.mean())
-    count = math.ceil(fraction * cov.numel() - 1e-9)
-    mask = torch.zeros_like(cov, dtype=torch.bool)
-    mask[torch.topk(cov, count, sorted=False).indices] = True
-    return mask
-
-
-def clip_cov_detach(log_prob: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
-    """Clip-Cov: the selected transitions keep their value but give no gradient. ``[B]``, bool ``[B]`` → ``[B]``."""
-    return torch.where(selected, log_prob.detach(), log_prob)
-
-
-def kl_cov_penalty(kl: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
-    """KL-Cov: ``mean_i 1[i selected]·KL_i(θ‖old)`` over all B transitions (scaled by β_cov in the loss).
-
-    ``kl`` ``[B]`` is the step-Gaussian KL ``||μ_θ - μ_old||²/(2·std²)`` (per element), ``selected`` bool ``[B]``.
-    Averaging over all B (not only the selected) keeps the penalty per transition like the surrogate's.
-    """
-    return (kl * selected.to(kl.dtype)).mean()
 
 
 def native_entropy_bonus(next_latents: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -82,3 +55,29 @@ def perceptual_entropy_bonus(
     # value + <μ_θ, ∂e/∂μ> - its own value: forward = mean energy, backward = the chain rule into θ.
     linear = (mean * grad).sum()
     return value + linear - linear.detach()
+
+
+class EntropyReg(Method):
+    name = "entropy_reg"
+
+    def __init__(self, kind: str, beta: float, chunk_size: int):
+        self.kind, self.beta, self.chunk_size = kind, beta, chunk_size
+        self.embed: Embed | None = None
+
+    @classmethod
+    def from_config(cls, config) -> EntropyReg | None:
+        reg = config.train.entropy_reg
+        return None if reg.kind == "none" else cls(reg.kind, reg.beta, reg.chunk_size)
+
+    def setup(self, run: RunContext) -> None:
+        backend, encoder = run.backend, run.encoder
+        self.embed = lambda z: encoder(backend.decode(z))
+
+    def loss(self, step: StepInputs) -> tuple[torch.Tensor | None, dict[str, Any]]:
+        mask, res = step.mask, step.result
+        next_latents, mean = step.next_latents[mask], res.mean[mask]
+        if self.kind == "native":
+            bonus = native_entropy_bonus(next_latents, mean, res.std).mean()
+        else:
+            bonus = perceptual_entropy_bonus(self.embed, next_latents, mean, res.std, self.chunk_size)
+        return -(self.beta * bonus), {"entropy_reg": bonus.detach()}

@@ -1,4 +1,4 @@
-"""Pixel-computed, model-free rewards for the shapes world (:mod:`trainer.toy.world`).
+"""Pixel-computed, model-free rewards for the shapes world (:mod:`trainer.world.scenes`).
 
 Image convention: the functions take a batch of RGB images and return a float32 tensor [B].
 The native form is a torch float tensor [B, 3, H, W] in [0, 1]; :func:`to_image_tensor` also
@@ -63,7 +63,7 @@ not one clean shape).
 Both rewards are deterministic, float32, NaN-free on blank or noise images, and batched
 (64 images at 64x64: ~0.04 s each on one CPU core, after a one-off ~1-2 s template build). On
 CPU they run with a single intra-op thread (``SINGLE_THREAD``), restored on return.
-Unparseable prompts raise ``ValueError`` (see :func:`trainer.toy.world.parse_prompt`).
+Unparseable prompts raise ``ValueError`` (see :func:`trainer.world.scenes.parse_prompt`).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .world import (
+from .scenes import (
     BOTTOM_MIN,
     CENTRE_TOL,
     COLOURS,

@@ -1,4 +1,4 @@
-"""DRIFT (DESIGN §6): diversity-incentivised GRPO in three independent parts.
+"""DRIFT (docs/design.md §6): diversity-incentivised GRPO in three independent parts.
 
 (i) sampling — a reward-concentrated subset: each group's reward outliers leave the normalisation;
 (ii) prompting — annealed Gaussian noise on the prompt embeddings, per sample;
@@ -9,11 +9,13 @@ The formulas are reconstructed from the paper's abstract (no public code); const
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .backends.base import PromptEmbeds
-from .sampling import seeded_noise
+from ..backends.base import PromptEmbeds
+from ..sampling import seeded_noise
+from .base import Method, ShapeInputs
 
 #: MAD → std of a normal distribution.
 MAD_TO_STD = 1.4826
@@ -85,3 +87,46 @@ def drift_diversity_shaping(
     task = task_rewards.float().reshape(-1, group_size)
     y = (task - task.mean(1, keepdim=True)) / (task.std(1, unbiased=False, keepdim=True) + eps)
     return rewards + alpha * (y * d_hat).reshape(-1).to(rewards.dtype)
+
+
+class Drift(Method):
+    """DRIFT's three parts, each on its own switch (``drift.*``)."""
+
+    name = "drift"
+
+    def __init__(self, subset: bool, threshold: float, prompt_noise: float, anneal: int, alpha: float):
+        self.subset, self.threshold = subset, threshold
+        self.noise, self.anneal, self.alpha = prompt_noise, anneal, alpha
+        self.uses_perceptual = alpha > 0
+        self._log: dict[str, Any] = {}
+
+    @classmethod
+    def from_config(cls, config) -> Drift | None:
+        d = config.drift
+        if not (d.subset or d.prompt_noise > 0 or d.diversity_alpha > 0):
+            return None
+        anneal = d.prompt_noise_anneal or config.train.iterations
+        return cls(d.subset, d.subset_threshold, d.prompt_noise, anneal, d.diversity_alpha)
+
+    def prompt_noise(self, iteration: int, generator: torch.Generator, samples: int) -> PromptNoise | None:
+        self._log = {}
+        if self.noise == 0:
+            return None
+        std = prompt_noise_std(self.noise, iteration, self.anneal)
+        self._log["prompt_noise_std"] = std
+        return PromptNoise(std, torch.randint(2**62, (samples,), generator=generator))
+
+    def shape(self, rewards: torch.Tensor, inputs: ShapeInputs) -> torch.Tensor:
+        if self.alpha == 0:
+            return rewards
+        return drift_diversity_shaping(rewards, inputs.task_rewards, inputs.features, inputs.group_size, self.alpha)
+
+    def keep(self, rewards: torch.Tensor, group_size: int) -> torch.Tensor | None:
+        if not self.subset:
+            return None
+        keep = reward_concentrated_subset(rewards, group_size, self.threshold)
+        self._log["drift_kept_frac"] = float(keep.float().mean())
+        return keep
+
+    def log(self) -> dict[str, Any]:
+        return self._log

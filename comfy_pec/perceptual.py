@@ -1,0 +1,110 @@
+"""Perceptual entropy of a stochastic sampling step and the reward shaping built on it (docs/design.md §5).
+
+A step from ``x`` draws ``x' = μ + std·ε``; ``g = f∘D`` decodes a latent and embeds it with a perceptual
+encoder. The residual energy ``e = ||g(x') - g(μ)||²/(2·std²)`` measures how far the injected noise moves
+the image in feature space; its per-sample entropy ``h_A`` averages to the step's Ĥ_A. PEC rewards samples
+whose energy is high within their group; PCVAE penalises a perceptual gain far from the reference's.
+Energies are ``[B]`` (one step) or ``[N, T]`` (N samples, group-contiguous; T trained steps), float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import PECError
+
+__all__ = ["perceptual_energy", "perceptual_entropy", "pcvae_gain", "pcvae_penalty", "pec_bonus"]
+
+
+Std = float | torch.Tensor
+
+
+def _std_per_sample(std: Std, batch: int, device) -> torch.Tensor:
+    s = torch.as_tensor(std, dtype=torch.float32, device=device).reshape(-1)
+    if s.numel() not in (1, batch):
+        raise PECError(f"std must be a scalar or have one value per sample ({batch}), got {s.numel()}")
+    return s.expand(batch)
+
+
+def perceptual_energy(feat_next: torch.Tensor, feat_mean: torch.Tensor, std: Std) -> torch.Tensor:
+    """Residual energy of a stochastic step in a feature space: ``e = ||g(x') - g(μ_old)||² / (2·std_step²)``.
+
+    Args:
+        feat_next: ``g(x')`` ``[B, ...]`` (features of the sampled next latent).
+        feat_mean: ``g(μ_old)`` ``[B, ...]`` (features of the old policy's step mean).
+        std: the step's ``std_step`` — scalar or ``[B]``.
+    Returns:
+        ``[B]`` float32. Applied to the latents themselves (``g`` = identity) it is the
+        generation-space energy ``e_VAE = ||ε||²/2`` of PCVAE.
+    """
+    diff = (feat_next.float() - feat_mean.float()).flatten(1)
+    s = _std_per_sample(std, diff.shape[0], diff.device)
+    return (diff**2).sum(-1) / (2.0 * s**2)
+
+
+def perceptual_entropy(feat_next: torch.Tensor, feat_mean: torch.Tensor, std: Std) -> torch.Tensor:
+    """Per-sample perceptual entropy (paper eq. S33): ``h_A = e + (d_f/2)·log(2π·std_step²)``.
+
+    The group estimate ``Ĥ_A`` of a step is the mean of ``h_A`` over the group's samples.
+    Shapes as :func:`perceptual_energy`; ``d_f`` is the number of feature elements per sample. → ``[B]``.
+    """
+    energy = perceptual_energy(feat_next, feat_mean, std)
+    d_f = feat_next[0].numel()
+    s = _std_per_sample(std, energy.shape[0], energy.device)
+    return energy + 0.5 * d_f * torch.log(2.0 * math.pi * s**2)
+
+
+def pcvae_gain(energy: torch.Tensor, energy_vae: torch.Tensor, feat_dim: int, latent_dim: int) -> torch.Tensor:
+    """PCVAE perceptual gain (docs/design.md §5, reconstructed): ``ℓ = log(e/d_f) - log(e_VAE/d)``.
+
+    How much the injected noise moves perception per feature dimension, relative to how much it moves
+    the latent per latent dimension. ``energy``/``energy_vae`` any equal shape (e.g. ``[B]`` or
+    ``[B, T]``); energies are floored at the float32 tiny value so a zero move gives a finite, very
+    negative gain instead of -inf.
+    """
+    tiny = torch.finfo(torch.float32).tiny
+    return torch.log(energy.float().clamp_min(tiny) / feat_dim) - torch.log(
+        energy_vae.float().clamp_min(tiny) / latent_dim
+    )
+
+
+def pcvae_penalty(gain: torch.Tensor, calibration: torch.Tensor, one_sided: bool = False) -> torch.Tensor:
+    """PCVAE reward penalty (docs/design.md §5): ``mean_t |ℓ_t - c_t|``, or ``mean_t max(c_t - ℓ_t, 0)`` one-sided.
+
+    The shaped reward is ``r̃ = r - β·penalty``. ``gain`` is ``[B, T]`` (T trained steps), ``calibration``
+    ``[T]`` (mean gain of the LoRA-off reference policy, measured once). → ``[B]``.
+    """
+    gap = gain.float() - calibration.float().to(gain.device)
+    per_step = (-gap).clamp_min(0.0) if one_sided else gap.abs()
+    return per_step.mean(-1)
+
+
+def pec_bonus(
+    energy: torch.Tensor, group_size: int, step_norm: str = "zscore", eps: float = 1e-4, clip: float | None = None
+) -> torch.Tensor:
+    """PEC reward bonus (paper eq. 17/19): ``agg_t(e_t)``, so that ``r̃ = r + β·pec_bonus``.
+
+    ``energy`` is ``[N, T]`` (N = groups × ``group_size`` samples, group-contiguous; T trained steps).
+    ``step_norm="zscore"`` standardises each step's energy within its group first —
+    ``z = (e - mean_group) / (std_group + eps)`` — so β means the same for every encoder and schedule;
+    ``"none"`` averages the raw energies (eq. 19 literally). ``clip`` (z-scores only) bounds each
+    ``z`` to ``±clip`` before the mean: the samples the injected noise moves most in feature space
+    (degenerate, noise-sensitive images among them) earn no more than ``clip``. → ``[N]``.
+    """
+    if energy.dim() != 2 or energy.shape[0] % group_size:
+        raise PECError(f"energy must be [N, T] with N a multiple of group_size {group_size}, got {tuple(energy.shape)}")
+    if step_norm not in ("zscore", "none"):
+        raise PECError(f"step_norm must be 'zscore' or 'none', got {step_norm!r}")
+    if clip is not None and step_norm != "zscore":
+        raise PECError(f"clip bounds z-scores: it needs step_norm='zscore', got {step_norm!r}")
+    e = energy.float()
+    if step_norm == "zscore":
+        grouped = e.reshape(-1, group_size, e.shape[1])
+        mean = grouped.mean(dim=1, keepdim=True)
+        std = grouped.std(dim=1, unbiased=False, keepdim=True)
+        e = ((grouped - mean) / (std + eps)).reshape_as(e)
+        if clip is not None:
+            e = e.clamp(-clip, clip)
+    return e.mean(dim=1)
