@@ -86,6 +86,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     paths = run_compare(
         args.runs,
         args.out,
+        rows_files=args.rows,
         names=_names(args.names) if args.names else None,
         quality=_names(args.quality) if args.quality else None,
         diversity=_names(args.diversity) if args.diversity else None,
@@ -172,9 +173,18 @@ def add_cli(subparsers) -> None:
     )
     p.add_argument(
         "runs",
-        nargs="+",
+        nargs="*",
         metavar="RUN",
         help="an eval directory, or a folder of them (a `pec eval --out` folder, a run with eval/)",
+    )
+    p.add_argument(
+        "--rows",
+        action="append",
+        default=[],
+        metavar="FILE.csv",
+        help="published or external results to put beside the evals (repeatable): a CSV with a method column "
+        "and metric columns named as `pec eval` names them (reward names; vendi/ENCODER, variance/ENCODER); "
+        "e.g. docs/paper_table1.csv, the paper's Table 1",
     )
     p.add_argument("--names", help="comma-separated method names, in order (default: each eval's label)")
     p.add_argument("--out", default="comparison", help="output folder (default: comparison)")
