@@ -250,7 +250,7 @@ def hub_problem(repo_id: str, revision: str | None, role: str, option: str, err:
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     at = f"@{revision}" if revision else ""
-    local = f"or use a local copy: --set {option}=/path/to/it"
+    local = f"or use a local copy: --set {option}"
     if isinstance(err, GatedRepoError):
         return (
             f"{role} {repo_id}{at} is gated: accept its license at https://huggingface.co/{repo_id} and log in "
@@ -296,7 +296,7 @@ def locate(role: str, source: str, revision: str | None, option: str, pipeline_s
     if is_local(source):
         path = Path(source).expanduser()
         if not path.exists():
-            res.status, res.problem = "missing", f"{role} {source}: no such file or directory; fix {option}"
+            res.status, res.problem = "missing", f"{role} {source}: no such file or directory; fix it: --set {option}"
             return res
         res.status, res.size = "local", _du(path)
         if pipeline_skip is not None and path.is_dir():
@@ -348,19 +348,20 @@ def resources(config: Config, family: str) -> list[Resource]:
     if m.path is None:
         found.append(Resource("model", EMBEDDED_MODEL, status="built in", size=_du(Path(EMBEDDED_MODEL))))
     elif is_single_file(m.path):
-        found.append(locate("model (single file)", m.path, None, "model.path"))
-        found.append(locate("model base", m.base, m.revision, "model.base", skip | {"transformer"}))
+        found.append(locate("model (single file)", m.path, None, "model.path=/path/to/file.safetensors"))
+        found.append(locate("model base", m.base, m.revision, "model.base=/path/to/it", skip | {"transformer"}))
     else:
-        found.append(locate("model", m.path, m.revision, "model.path", skip))
-    for i, term in enumerate(config.rewards):
+        found.append(locate("model", m.path, m.revision, "model.path=/path/to/it", skip))
+    for term in config.rewards:
         source = term.path or _reward_source(term.name)
         if source is not None:
-            found.append(locate(f"reward {term.name}", source, None, f"rewards.{i}.path"))
+            option = f"'rewards=[{{name: {term.name}, path: /path/to/it}}]'"
+            found.append(locate(f"reward {term.name}", source, None, option))
     encoder = config.pec.encoder
     if config.pec.encoder_path is not None or encoder in TOWERS:
         source = config.pec.encoder_path or TOWERS[encoder].default
         if not any(r.source == source for r in found):  # PickScore reward and encoder share one tower
-            found.append(locate(f"encoder {encoder}", source, None, "pec.encoder_path"))
+            found.append(locate(f"encoder {encoder}", source, None, "pec.encoder_path=/path/to/it"))
     return found
 
 
@@ -456,12 +457,24 @@ class Estimate:
     notes: list[str]
 
 
-def _sampling_value(config: Config, family: str, key: str):
+def _model_defaults(config: Config, family: str) -> dict[str, Any]:
+    """The family's sampling defaults, updated by the model directory's pec.json and the config's sampling."""
+    from .backends.base import read_defaults
     from .backends.flux import FLUX_DEFAULTS
     from .backends.sd3 import SD3_DEFAULTS
 
-    value = getattr(config.sampling, key)
-    return value if value is not None else (SD3_DEFAULTS if family == "sd3" else FLUX_DEFAULTS)[key]
+    directory = _model_dir(config)
+    builtin = SD3_DEFAULTS if family == "sd3" else FLUX_DEFAULTS
+    defaults = read_defaults(str(directory), builtin) if directory is not None else dict(builtin)
+    for key in ("resolution", "num_steps", "guidance_scale"):
+        if getattr(config.sampling, key) is not None:
+            defaults[key] = getattr(config.sampling, key)
+    if config.model.max_sequence_length is not None:
+        defaults["max_sequence_length"] = config.model.max_sequence_length
+    vae = directory / "vae" / "config.json" if directory is not None else None
+    blocks = len(json.loads(vae.read_text())["block_out_channels"]) if vae is not None and vae.is_file() else 4
+    defaults["vae_factor"] = 2 ** (blocks - 1)
+    return defaults
 
 
 def estimate(config: Config, checked: Checked) -> Estimate:
@@ -489,14 +502,13 @@ def estimate(config: Config, checked: Checked) -> Estimate:
                 params[f"reward {term.name}"] = count
     width = cfg.num_attention_heads * cfg.attention_head_dim
     blocks = cfg.num_layers + getattr(cfg, "num_single_layers", 0)
-    resolution = int(_sampling_value(config, family, "resolution"))
-    vae_factor = 8
+    defaults = _model_defaults(config, family)
+    resolution = int(defaults["resolution"])
     patch = 2  # SD3's patch embedding; FLUX packs 2x2 latents into a token
-    image_tokens = (resolution // (vae_factor * patch)) ** 2
-    seq = m.max_sequence_length or (256 if family == "sd3" else 512)
-    text_tokens = seq + (77 if family == "sd3" else 0)
+    image_tokens = (resolution // (defaults["vae_factor"] * patch)) ** 2
+    text_tokens = int(defaults["max_sequence_length"]) + (77 if family == "sd3" else 0)  # T5 (+ CLIP for SD3)
     tokens = image_tokens + text_tokens
-    guidance = float(_sampling_value(config, family, "guidance_scale"))
+    guidance = float(defaults["guidance_scale"])
     branches = 2 if family == "sd3" and guidance > 1 else 1
     batch = t.batch_size * branches
 
@@ -518,7 +530,7 @@ def estimate(config: Config, checked: Checked) -> Estimate:
     decode = VAE_LIVE_MAPS * 128 * resolution * resolution * 4 * config.pec.chunk_size
     peak = int(1.1 * (weights + lora_states + max(activations, decode)))
 
-    steps = int(_sampling_value(config, family, "num_steps"))
+    steps = int(defaults["num_steps"])
     w = config.sampling.window
     trained = steps if w.rule == "all" else min(w.size, steps)
     samples = t.prompts_per_iteration * t.group_size
