@@ -72,7 +72,9 @@ def test_preset_rehearsal_train_eval_compare(preset, tiny, tmp_path):
     assert lora.is_file() and (run / "report.md").is_file()
     evals = tmp_path / "evals"
     model = str(tiny[PRESETS[preset]])
-    args = ["--model", model, "--prompts", "pec-heldout", "--max-prompts", "2", "--per-prompt", "2", "--steps", "2"]
+    # a model-free reward (it reads the embedded world's prompts) stands in for PickScore, whose eval path
+    # takes no local weights; the PickScore tower itself measures diversity from the tiny CLIP directory
+    args = ["--model", model, "--prompts", "toy-heldout", "--max-prompts", "2", "--per-prompt", "2", "--steps", "2"]
     args += ["--rewards", "toy_preference", "--encoders", f"pickscore={tiny['clip']}", "--out", str(evals)]
     done = _pec("eval", *args, "--lora", str(lora), "--base")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -121,7 +123,9 @@ def test_dry_run_plan_on_a_tiny_local_setup(tiny, tmp_path, capsys):
     assert "peak GPU memory" in out and "per iteration" in out
     assert not (tmp_path / "run").exists()  # a plan writes nothing
     # a missing reward directory: listed with its fix, exit 1, still nothing loaded
-    swap[swap.index(f"rewards=[{{name: pickscore, path: {tiny['clip']}}}]")] = "rewards=[{name: pickscore, path: /nope}]"
+    swap[swap.index(f"rewards=[{{name: pickscore, path: {tiny['clip']}}}]")] = (
+        "rewards=[{name: pickscore, path: /nope}]"
+    )
     assert cli.main(["train", "--preset", "sd35m-pickscore", *swap, "--dry-run"]) == 1
     out = capsys.readouterr().out
     assert "MISSING: reward pickscore /nope: no such file or directory" in out and "NOT READY: 1 missing" in out
