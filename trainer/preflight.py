@@ -245,27 +245,59 @@ def _missing_pipeline_parts(directory: Path, skip: set[str]) -> list[str]:
     ]
 
 
-def hub_problem(repo_id: str, revision: str | None, role: str, option: str, err: Exception | None = None) -> str:
-    """One line: the id, what is missing, and the fix (gated repos, missing repos, offline)."""
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-
+def hub_problem(
+    repo_id: str, revision: str | None, role: str, option: str, kind: str = "offline", reason: str = ""
+) -> str:
+    """One line: the id, what is missing, and the fix. ``kind``: gated, revision, repository, offline, or
+    unreachable (with ``reason``)."""
     at = f"@{revision}" if revision else ""
     local = f"or use a local copy: --set {option}"
-    if isinstance(err, GatedRepoError):
+    if kind == "gated":
         return (
             f"{role} {repo_id}{at} is gated: accept its license at https://huggingface.co/{repo_id} and log in "
             f"(hf auth login, or HF_TOKEN=...), {local}"
         )
-    if isinstance(err, RevisionNotFoundError):
-        return f"{role} {repo_id}: no revision {revision!r} on the hub; fix model.revision, {local}"
-    if isinstance(err, RepositoryNotFoundError):
+    if kind == "revision":
+        return f"{role} {repo_id}: no revision {revision!r} on the hub; fix the revision, {local}"
+    if kind == "repository":
         return f"{role} {repo_id}: no such repository on the hub (or private: log in), {local}"
-    if err is not None:
-        return f"{role} {repo_id}{at}: the hub did not answer ({str(err).splitlines()[0]}); {local}"
+    if kind == "unreachable":
+        return f"{role} {repo_id}{at}: the hub did not answer ({reason}); {local}"
     return (
-        f"{role} {repo_id}{at} is not in the local hub cache and HF_HUB_OFFLINE is set: download it online first "
-        f"(hf download {repo_id}), {local}"
+        f"{role} {repo_id}{at} is not in the local hub cache and the hub cannot be reached (HF_HUB_OFFLINE=1 or no "
+        f"network): download it online first (hf download {repo_id}), {local}"
     )
+
+
+def _hub_kind(err: BaseException) -> str | None:
+    """The :func:`hub_problem` kind of a hub error, or None for other errors."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    kinds = [
+        (GatedRepoError, "gated"),  # a RepositoryNotFoundError too: first
+        (RevisionNotFoundError, "revision"),
+        (RepositoryNotFoundError, "repository"),
+        ((OfflineModeIsEnabled, LocalEntryNotFoundError), "offline"),
+    ]
+    return next((kind for cls, kind in kinds if isinstance(err, cls)), None)
+
+
+def hub_load_error(repo_id: str, revision: str | None, role: str, option: str, err: BaseException) -> str | None:
+    """The :func:`hub_problem` line for a loading error caused by the hub (searched along the exception's
+    causes), or None when the hub is not the cause."""
+    seen: BaseException | None = err
+    while seen is not None:
+        kind = _hub_kind(seen)
+        if kind is not None:
+            return hub_problem(repo_id, revision, role, option, kind)
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _hub_info(repo_id: str, revision: str | None, role: str, option: str) -> tuple[int | None, str | None]:
@@ -275,12 +307,11 @@ def _hub_info(repo_id: str, revision: str | None, role: str, option: str) -> tup
     try:
         info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
     except Exception as err:  # network, gated, missing: one line for each
-        return None, hub_problem(repo_id, revision, role, option, err)
+        kind = _hub_kind(err) or "unreachable"
+        return None, hub_problem(repo_id, revision, role, option, kind, str(err).splitlines()[0] if str(err) else "")
     size = sum(f.size or 0 for f in info.siblings or []) or None
     if info.gated and get_token() is None:
-        from huggingface_hub.errors import GatedRepoError
-
-        return size, hub_problem(repo_id, revision, role, option, GatedRepoError("gated"))
+        return size, hub_problem(repo_id, revision, role, option, "gated")
     return size, None
 
 

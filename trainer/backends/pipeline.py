@@ -183,7 +183,12 @@ class PipelineBackend(Backend):
                 source, revision=revision, **precision, **components
             )
         except (OSError, ValueError, KeyError) as err:
-            raise PECError(f"cannot load a {cls.pipeline_class} from {path_or_id!r}: {err}") from None
+            from trainer.preflight import hub_load_error
+
+            # a hub id that is gated, missing or not cached offline: one line with the id and the fix
+            hub = None if os.path.exists(source) else hub_load_error(source, revision, "model", "model.path=DIR", err)
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise PECError(hub or f"cannot load a {cls.pipeline_class} from {path_or_id!r}: {first}") from None
         defaults = read_defaults(source, {}) if os.path.isdir(source) else {}
         if max_sequence_length is not None:
             defaults["max_sequence_length"] = max_sequence_length
