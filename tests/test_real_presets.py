@@ -143,3 +143,9 @@ def test_lora_targets_checked_against_the_family(tiny, tmp_path, capsys):
     swap = _swap(tiny, "flux-dev-pickscore", tmp_path / "run")
     assert cli.main(["train", "--preset", "flux-dev-pickscore", *swap, "--set", "lora.targets=[to_q, attn2.to_q]"]) == 2
     assert "lora.targets: attn2.to_q match no linear layer of the flux transformer" in capsys.readouterr().err
+
+
+def test_missing_local_model_directory(tmp_path, capsys):
+    args = ["train", "--preset", "demo", "--set", f"model.path={tmp_path / 'nope'}", "--set", f"run.dir={tmp_path}/run"]
+    assert cli.main(args) == 2
+    assert f"model.path {tmp_path / 'nope'}: no such directory" in capsys.readouterr().err

@@ -89,11 +89,17 @@ def _model_dir(config: Config) -> Path | None:
 
 def model_family(config: Config) -> str:
     """``model.family``, else from the local (or cached) pipeline's model_index.json."""
+    from comfy_pec.pretrained import is_local
+
     from .backends import detect_family
 
     if config.model.family is not None:
         return config.model.family
     directory = _model_dir(config)
+    source = config.model.base or config.model.path
+    if directory is None and is_local(source):
+        which = "model.base" if config.model.base else "model.path"
+        raise PECError(f"{which} {source}: no such directory; point it at a diffusers pipeline directory")
     if directory is None:
         raise PECError(
             f"model.path {config.model.path!r}: set model.family (sd3 or flux) for a hub id that is not in the local "
