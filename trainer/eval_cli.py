@@ -126,8 +126,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--base", action="store_true", help="also evaluate the model without LoRA (implied without --lora)")
     p.add_argument(
         "--prompts",
-        help="prompt preset (toy-heldout, toy-train, ...) or text file, one prompt per "
-        "line (default for the embedded model: toy-heldout)",
+        help="prompts: a built-in set (pec-heldout, pec-train, toy-heldout, ...), a text file, a table column "
+        "(FILE.csv#COLUMN, .jsonl, .json, .tsv, .parquet) or a hub dataset file (hf:OWNER/NAME/PATH#COLUMN) "
+        "(default for the embedded model: toy-heldout)",
     )
     p.add_argument("--max-prompts", type=int, help="use only the first N prompts")
     p.add_argument("--per-prompt", type=int, default=30, help="images per prompt (default 30, as the paper)")
@@ -169,7 +170,8 @@ def add_cli(subparsers) -> None:
         description="Compare eval directories (from `pec eval`): a Markdown and CSV table with every metric, "
         "the min-max normalised quality average, the diversity average and Overall (their mean; "
         "normalised across the compared methods, as in the paper), a quality-vs-diversity scatter, "
-        "side-by-side sample grids and per-method similarity-matrix heatmaps.",
+        "side-by-side sample grids and per-method similarity-matrix heatmaps. Published rows (--rows FILE.csv, "
+        "e.g. docs/paper_table1.csv) join the table and the scatter.",
     )
     p.add_argument(
         "runs",
