@@ -133,3 +133,67 @@ def test_compare_input_errors(tmp_path):
     _fake_eval(tmp_path, "a-1", 0.1, 1.0)
     with pytest.raises(PECError, match="1 names for 2"):
         run_compare([tmp_path / "a-1", tmp_path / "a-1"], tmp_path / "out", names=["x"])
+
+
+ROWS = Path(__file__).resolve().parent.parent / "docs" / "paper_table1.csv"
+
+
+def _published_overall(table_csv: Path) -> dict[str, float]:
+    with open(table_csv, newline="") as handle:
+        return {r["method"]: float(r[OVERALL]) for r in csv.DictReader(handle)}
+
+
+def test_rows_file_reproduces_the_papers_overall(tmp_path):
+    from trainer.compare import load_rows
+
+    rows, published = load_rows(ROWS)
+    assert len(rows) == 18 and rows[4]["method"] == "Entropy Reg. [VAE]" and OVERALL not in rows[0]
+    paths = run_compare([], tmp_path / "cmp", rows_files=[ROWS])
+    assert set(paths) == {"markdown", "csv", "tradeoff"}  # no images behind published rows
+    ours = _published_overall(paths["csv"])
+    errors = [abs(ours[name] - values[OVERALL]) for name, values in published.items()]
+    assert max(errors) <= 0.005 and max(errors) <= 6e-4
+    assert "within 0.0005 of the published values" in paths["markdown"].read_text()
+
+
+def test_rows_mixed_with_eval_directories(tmp_path):
+    """An eval inside the published ranges leaves the paper's rows' Overall where the paper has it."""
+    from trainer.compare import load_rows
+
+    rows, published = load_rows(ROWS)
+    quality = ["pickscore", "aesthetic", "imagereward", "clip_score", "hpsv21", "unifiedreward"]
+    diversity = [c for c in rows[0] if c.startswith(("vendi/", "variance/"))]
+    eval_dir = _fake_eval(tmp_path / "evals", "mine-1234", quality=0.0, spread=1.0)
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    mean = {c: (min(r[c] for r in rows) + max(r[c] for r in rows)) / 2 for c in quality + diversity}
+    metrics.update(quality=quality, diversity=diversity, extra=[], mean=mean)
+    (eval_dir / "metrics.json").write_text(json.dumps(metrics))
+    paths = run_compare([eval_dir], tmp_path / "cmp", rows_files=[ROWS], names=["my run"])
+    ours = _published_overall(paths["csv"])
+    assert len(ours) == 19 and ours["my run"] == pytest.approx(0.5)  # the midpoint of every column
+    assert max(abs(ours[n] - v[OVERALL]) for n, v in published.items()) <= 0.005
+    assert "grids" in paths  # the eval directory's images still make the grid
+    # the CLI: `pec compare RUN --rows FILE.csv`
+    from trainer import cli
+
+    assert (
+        cli.main(["compare", str(eval_dir), "--rows", str(ROWS), "--names", "my run", "--out", str(tmp_path / "c2")])
+        == 0
+    )
+    assert _published_overall(tmp_path / "c2" / "table.csv") == pytest.approx(ours)
+
+
+def test_rows_errors(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,score\nx,1\n")
+    with pytest.raises(PECError, match="'method' column"):
+        run_compare([], tmp_path / "out", rows_files=[bad])
+    twice = tmp_path / "twice.csv"
+    twice.write_text("method,pickscore,vendi/clip\nA,1,2\nA,2,3\n")
+    with pytest.raises(PECError, match="names .*repeat"):
+        run_compare([], tmp_path / "out", rows_files=[twice])
+    with pytest.raises(PECError, match="nothing to compare"):
+        run_compare([], tmp_path / "out")
+    _fake_eval(tmp_path / "evals", "a-1", 0.1, 1.0)
+    with pytest.raises(PECError, match="share no quality"):  # the toy eval's columns are not the paper's
+        run_compare([tmp_path / "evals"], tmp_path / "out", rows_files=[ROWS])

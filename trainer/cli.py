@@ -79,9 +79,16 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_training(config, resume: bool) -> int:
+def _run_training(config, resume: bool, dry_run: bool = False) -> int:
     import time
 
+    from trainer.preflight import plan, preflight
+
+    if dry_run:
+        text, ready = plan(config)
+        print(text)
+        return 0 if ready else 1
+    preflight(config)  # prompts, names, targets, run dir, disk, every weight located: before anything loads
     from trainer.train import train
 
     start = time.perf_counter()
@@ -110,7 +117,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.preset is None and args.config is None:
             raise PECError("pass --preset NAME and/or --config FILE (or --resume RUN_DIR)")
         config = load_config(args.preset, args.config, args.set)
-    return _run_training(config, resume=not args.fresh)
+    return _run_training(config, resume=not args.fresh, dry_run=args.dry_run)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -176,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved config")
     p.add_argument("--fresh", action="store_true", help="ignore checkpoints in the run directory")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="load nothing: check the config and prompts, print every model/reward/encoder with hub id, revision, "
+        "cache state and size, and estimated peak GPU memory and time per iteration; exit 0 when all is "
+        "available, 1 otherwise",
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(

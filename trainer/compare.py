@@ -2,7 +2,8 @@
 
 Input: eval directories written by :func:`trainer.evaluation.run_eval` (``metrics.json`` inside). A
 directory that holds eval directories one level down (a ``pec eval --out`` folder, or a training run's
-``eval/`` folder) stands for all of them, in name order.
+``eval/`` folder) stands for all of them, in name order. Published or external results join them as
+rows of a CSV file (:func:`load_rows`; ``docs/paper_table1.csv`` holds the paper's Table 1).
 
 Overall score (:func:`overall_table`): within one comparison table every metric column is min-max
 normalised across the compared methods (1 = best; lower-is-better columns flipped), the quality
@@ -67,6 +68,50 @@ def load_metrics(run_dir: PathLike) -> dict:
         raise PECError(f"{path}: not readable JSON ({err})") from None
 
 
+#: derived columns a rows file may carry as published values; they are recomputed, never averaged.
+DERIVED = (NORM_QUALITY, NORM_DIVERSITY, OVERALL)
+#: name prefixes of diversity columns (as `pec eval` names them); every other metric column is quality.
+DIVERSITY_PREFIXES = ("vendi/", "variance/")
+
+
+def load_rows(path: PathLike) -> tuple[list[dict], dict[str, dict[str, float]]]:
+    """Rows of published or external results: a ``method`` column, then metric columns (numbers).
+
+    Other text columns (e.g. the paper's feature ``space``) are appended to the method name in brackets
+    unless empty or ``-``. Columns named like :data:`DERIVED` are the published Norm.Avg / Overall.
+    Returns ``(rows, published)``: rows ``{"method": name, column: value}`` and ``{name: {derived: value}}``.
+    """
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            table = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise PECError(f"--rows {path}: cannot read it as CSV ({err})") from None
+    if not table or "method" not in table[0]:
+        raise PECError(f"--rows {path}: needs a header with a 'method' column and at least one row")
+
+    def number(text: str) -> float | None:
+        try:
+            return float(text)
+        except (TypeError, ValueError):
+            return None
+
+    columns = [c for c in table[0] if c != "method"]
+    numeric = [c for c in columns if all(number(r[c]) is not None for r in table)]
+    labels = [c for c in columns if c not in numeric]
+    rows, published = [], {}
+    for line, record in enumerate(table, start=2):
+        tags = [record[c].strip() for c in labels if record[c] and record[c].strip() not in ("", "-")]
+        name = record["method"].strip() + (f" [{', '.join(tags)}]" if tags else "")
+        if not record["method"].strip():
+            raise PECError(f"--rows {path}:{line}: empty method name")
+        rows.append({"method": name, **{c: number(record[c]) for c in numeric if c not in DERIVED}})
+        published[name] = {c: number(record[c]) for c in numeric if c in DERIVED}
+    if len({r["method"] for r in rows}) != len(rows):
+        raise PECError(f"--rows {path}: method names (with their labels) repeat; make each row's name unique")
+    return rows, published
+
+
 def common_columns(metrics: Sequence[dict], group: str) -> list[str]:
     """The ``group`` ("quality", "diversity", "extra") columns every run has, in the first run's order."""
     return [c for c in metrics[0].get(group, []) if all(c in m.get("mean", {}) for m in metrics)]
@@ -117,6 +162,15 @@ def overall_table(
         diversity = sum(normalised[c][i] for c in diversity_cols) / len(diversity_cols)
         out.append({**row, NORM_QUALITY: quality, NORM_DIVERSITY: diversity, OVERALL: (quality + diversity) / 2})
     return out
+
+
+def reproduction_gap(table: Sequence[dict], published: Mapping[str, Mapping[str, float]]):
+    """(largest |recomputed - published| over rows and derived columns, those columns) or None."""
+    pairs = [(row[c], value) for row in table for c, value in published.get(row["method"], {}).items()]
+    if not pairs:
+        return None
+    columns = sorted({c for values in published.values() for c in values}, key=DERIVED.index)
+    return max(abs(ours - theirs) for ours, theirs in pairs), columns
 
 
 def _fmt(value: float) -> str:
@@ -302,6 +356,7 @@ def run_compare(
     runs: Sequence[PathLike],
     out_dir: PathLike,
     *,
+    rows_files: Sequence[PathLike] = (),
     names: Sequence[str] | None = None,
     quality: Sequence[str] | None = None,
     diversity: Sequence[str] | None = None,
@@ -310,34 +365,54 @@ def run_compare(
     encoder: str | None = None,
     prompt_idx: int = 0,
 ) -> dict[str, Path]:
-    """Table (Markdown + CSV) and plots for the eval directories found in ``runs``.
+    """Table (Markdown + CSV) and plots for the eval directories found in ``runs`` and the rows of ``rows_files``.
 
-    ``names`` default to each eval's label (``embedded+pec``); ``quality`` / ``diversity`` default to the
-    columns every eval has (its reward means; its Vendi and raw-variance columns). Returns
-    ``{"markdown", "csv", "tradeoff", "grids", "similarity"}`` → written paths.
+    ``names`` (eval directories only) default to each eval's label (``embedded+pec``); ``quality`` /
+    ``diversity`` default to the columns every eval has (its reward means; its Vendi and raw-variance
+    columns) and every rows file has too; rows files alone split their metric columns by
+    :data:`DIVERSITY_PREFIXES`. Returns ``{"markdown", "csv", "tradeoff", "grids", "similarity"}`` →
+    written paths (grids and similarity need eval directories).
     """
     eval_dirs = [d for run in runs for d in find_eval_dirs(run)]
     metrics = [load_metrics(d) for d in eval_dirs]
+    external, published = [], {}
+    for file in rows_files:
+        more, values = load_rows(file)
+        external += more
+        published.update(values)
+    if not eval_dirs and not external:
+        raise PECError("nothing to compare: name eval directories and/or --rows FILE.csv")
     names = list(names) if names else [m.get("label", d.name) for m, d in zip(metrics, eval_dirs)]
     if len(names) != len(eval_dirs):
         raise PECError(f"{len(names)} names for {len(eval_dirs)} eval directories ({', '.join(map(str, eval_dirs))})")
     if len(set(names)) != len(names):
         names = [d.name for d in eval_dirs]  # labels collide (same LoRA stem): the unique directory names
-    quality = list(quality or common_columns(metrics, "quality"))
-    diversity = list(diversity or common_columns(metrics, "diversity"))
+    if metrics:
+        quality = list(quality or common_columns(metrics, "quality"))
+        diversity = list(diversity or common_columns(metrics, "diversity"))
+    else:
+        metric_cols = [c for c in external[0] if c != "method"]
+        quality = list(quality or [c for c in metric_cols if not c.startswith(DIVERSITY_PREFIXES)])
+        diversity = list(diversity or [c for c in metric_cols if c.startswith(DIVERSITY_PREFIXES)])
+    if external:  # only the columns every external row has too
+        quality, diversity = ([c for c in cols if all(c in r for r in external)] for cols in (quality, diversity))
     if not quality or not diversity:
         group = "quality (reward)" if not quality else "diversity (encoder)"
         raise PECError(
-            f"the evals share no {group} metric; re-run `pec eval` with --rewards / --encoders "
-            "(images are reused) or name the columns with --quality / --diversity"
+            f"the evals and rows share no {group} metric; re-run `pec eval` with --rewards / --encoders "
+            "(images are reused), name the columns with --quality / --diversity, or name the rows file's "
+            "columns as `pec eval` does (reward names; vendi/ENCODER, variance/ENCODER)"
         )
-    extra = [c for c in common_columns(metrics, "extra") if c not in quality + diversity]
+    extra = [c for c in common_columns(metrics, "extra") if c not in quality + diversity] if metrics else []
     rows = []
     for name, m in zip(names, metrics):
         missing = [c for c in quality + diversity if c not in m["mean"]]
         if missing:
             raise PECError(f"{name}: no metric {', '.join(missing)} (has {', '.join(m['mean'])})")
         rows.append({"method": name, **m["mean"]})
+    if {r["method"] for r in rows} & {r["method"] for r in external}:
+        raise PECError("an eval directory and a --rows row have the same method name; rename one (--names)")
+    rows += external
     table = overall_table(rows, quality, diversity)
 
     out = Path(out_dir)
@@ -351,12 +426,21 @@ def run_compare(
         notes.append(f"Also in table.csv (not averaged): {', '.join(extra)}.")
     if len({json.dumps([m["identity"]["sampler"], m["num_prompts"], m["samples_per_prompt"]]) for m in metrics}) > 1:
         notes.append("Warning: the evals differ in sampler settings, prompt count or samples per prompt.")
+    gap = reproduction_gap(table, published)
+    if gap is not None:
+        notes.append(
+            f"Rows with published {', '.join(gap[1])}: recomputed here within {gap[0]:.4f} of the published values "
+            "(adding methods outside their ranges renormalises them)."
+        )
     sizes = ", ".join(f"{n}: {m['num_prompts']} prompts x {m['samples_per_prompt']}" for n, m in zip(names, metrics))
+    sources = [f"Evaluations: {sizes}."] if metrics else []
+    if external:
+        sources.append(f"Rows from {', '.join(map(str, rows_files))}: {', '.join(r['method'] for r in external)}.")
     text = "\n".join(
         [
             "# Quality–diversity comparison",
             "",
-            f"Evaluations: {sizes}.",
+            *sources,
             "",
             table_markdown(table, quality, diversity),
             "",
@@ -373,7 +457,10 @@ def run_compare(
     paths["markdown"].write_text(text + "\n", encoding="utf-8")
     write_csv(table, [*quality, *diversity, *extra, NORM_QUALITY, NORM_DIVERSITY, OVERALL], paths["csv"])
     plot_tradeoff(table, paths["tradeoff"])
-    plot_grids(eval_dirs, names, paths["grids"], prompts=grid_prompts, seeds=grid_seeds)
+    if eval_dirs:
+        plot_grids(eval_dirs, names, paths["grids"], prompts=grid_prompts, seeds=grid_seeds)
+    else:
+        del paths["grids"]
     if any((d / "features.safetensors").is_file() for d in eval_dirs):
         plot_similarity(eval_dirs, names, paths["similarity"], encoder=encoder, prompt_idx=prompt_idx)
     else:

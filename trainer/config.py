@@ -237,7 +237,11 @@ class DriftConfig(_Section):
 
 
 class PromptsConfig(_Section):
-    train: str | list[str] = Field("toy-train", description="a preset name, a text file, or a list")
+    train: str | list[str] = Field(
+        "toy-train",
+        description="a built-in set (pec-train, toy-train, ...), a text file, FILE.csv#COLUMN (.tsv/.jsonl/.json/"
+        ".parquet), a hub dataset file hf:OWNER/NAME[@REV]/PATH[#COLUMN], or a list (trainer.prompts)",
+    )
     eval: str | list[str] = Field("toy-heldout", description="prompts for before/after grids")
 
 

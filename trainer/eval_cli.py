@@ -87,6 +87,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     paths = run_compare(
         args.runs,
         args.out,
+        rows_files=args.rows,
         names=_names(args.names) if args.names else None,
         quality=_names(args.quality) if args.quality else None,
         diversity=_names(args.diversity) if args.diversity else None,
@@ -126,8 +127,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--base", action="store_true", help="also evaluate the model without LoRA (implied without --lora)")
     p.add_argument(
         "--prompts",
-        help="prompt preset (toy-heldout, toy-train, ...) or text file, one prompt per "
-        "line (default for the embedded model: toy-heldout)",
+        help="prompts: a built-in set (pec-heldout, pec-train, toy-heldout, ...), a text file, a table column "
+        "(FILE.csv#COLUMN, .jsonl, .json, .tsv, .parquet) or a hub dataset file (hf:OWNER/NAME/PATH#COLUMN) "
+        "(default for the embedded model: toy-heldout)",
     )
     p.add_argument("--max-prompts", type=int, help="use only the first N prompts")
     p.add_argument("--per-prompt", type=int, default=30, help="images per prompt (default 30, as the paper)")
@@ -169,13 +171,23 @@ def add_cli(subparsers) -> None:
         description="Compare eval directories (from `pec eval`): a Markdown and CSV table with every metric, "
         "the min-max normalised quality average, the diversity average and Overall (their mean; "
         "normalised across the compared methods, as in the paper), a quality-vs-diversity scatter, "
-        "side-by-side sample grids and per-method similarity-matrix heatmaps.",
+        "side-by-side sample grids and per-method similarity-matrix heatmaps. Published rows (--rows FILE.csv, "
+        "e.g. docs/paper_table1.csv) join the table and the scatter.",
     )
     p.add_argument(
         "runs",
-        nargs="+",
+        nargs="*",
         metavar="RUN",
         help="an eval directory, or a folder of them (a `pec eval --out` folder, a run with eval/)",
+    )
+    p.add_argument(
+        "--rows",
+        action="append",
+        default=[],
+        metavar="FILE.csv",
+        help="published or external results to put beside the evals (repeatable): a CSV with a method column "
+        "and metric columns named as `pec eval` names them (reward names; vendi/ENCODER, variance/ENCODER); "
+        "e.g. docs/paper_table1.csv, the paper's Table 1",
     )
     p.add_argument("--names", help="comma-separated method names, in order (default: each eval's label)")
     p.add_argument("--out", default="comparison", help="output folder (default: comparison)")

@@ -35,6 +35,16 @@ def is_single_file(path_or_id: str) -> bool:
     return path_or_id.lower().endswith(SINGLE_FILE_SUFFIXES)
 
 
+def dtype_option(dtype) -> dict[str, Any]:
+    """The load-precision keyword of this diffusers: ``dtype=`` where it exists (``torch_dtype`` is deprecated
+    there, with a FutureWarning), ``torch_dtype=`` on older releases. ``dtype`` may be a dict per component
+    (``{"vae": torch.float32, "default": torch.bfloat16}``)."""
+    from diffusers.utils import deprecation_utils
+
+    # _resolve_dtype arrived with the dtype= keyword: its presence is the feature, whatever the version string.
+    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
+
+
 class PromptCache:
     """Text conditioning per prompt, least recently used evicted first; entries live on the CPU.
 
@@ -163,14 +173,22 @@ class PipelineBackend(Backend):
                         "(hub id or directory) of the same architecture that supplies the config, VAE and text encoders"
                     )
                 components["transformer"] = getattr(diffusers, cls.transformer_class).from_single_file(
-                    path_or_id, config=base, subfolder="transformer", torch_dtype=dtype, config_revision=revision
+                    path_or_id, config=base, subfolder="transformer", config_revision=revision, **dtype_option(dtype)
                 )
                 source = base
+            # The VAE loads in float32 (the supported way to keep a component's precision; casting it
+            # afterwards with .to(dtype) is what diffusers warns about).
+            precision = dtype_option({"vae": torch.float32, "default": dtype})
             pipe = getattr(diffusers, cls.pipeline_class).from_pretrained(
-                source, revision=revision, torch_dtype=dtype, **components
+                source, revision=revision, **precision, **components
             )
         except (OSError, ValueError, KeyError) as err:
-            raise PECError(f"cannot load a {cls.pipeline_class} from {path_or_id!r}: {err}") from None
+            from trainer.preflight import hub_load_error
+
+            # a hub id that is gated, missing or not cached offline: one line with the id and the fix
+            hub = None if os.path.exists(source) else hub_load_error(source, revision, "model", "model.path=DIR", err)
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise PECError(hub or f"cannot load a {cls.pipeline_class} from {path_or_id!r}: {first}") from None
         defaults = read_defaults(source, {}) if os.path.isdir(source) else {}
         if max_sequence_length is not None:
             defaults["max_sequence_length"] = max_sequence_length
@@ -180,7 +198,9 @@ class PipelineBackend(Backend):
     def wrap(cls, pipe, device: str | torch.device = "cpu", defaults: dict[str, Any] | None = None, **options):
         """A backend around an already built pipeline: frozen, on ``device``, VAE in float32."""
         pipe.set_progress_bar_config(disable=True)
-        pipe.vae.to(device, torch.float32)
+        if pipe.vae.dtype != torch.float32:  # built in another precision: cast (from_pretrained loads it float32)
+            pipe.vae.to(dtype=torch.float32)
+        pipe.vae.to(device)
         pipe.transformer.to(device)
         # Offloaded text encoders never visit the device here: the GPU need not hold them and the rest.
         text_device = "cpu" if options.get("offload_text_encoders") else device
@@ -259,5 +279,7 @@ class PipelineBackend(Backend):
 
     def load_lora(self, path: str, scale: float = 1.0, adapter_name: str = "pec") -> None:
         tensors = load_lora_for(self.transformer, path, self.family)
-        self.pipe.load_lora_weights(tensors, adapter_name=adapter_name)
-        self.pipe.set_adapters([adapter_name], [scale])
+        # Into the transformer by name: a PEC LoRA holds only transformer.* keys, and the pipeline-level
+        # loader would also search every text encoder for keys and log that it found none.
+        self.transformer.load_lora_adapter(tensors, prefix="transformer", adapter_name=adapter_name)
+        self.transformer.set_adapters([adapter_name], [scale])
