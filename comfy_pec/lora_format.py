@@ -72,6 +72,8 @@ ARCHITECTURES = {
     "flux": ("flux-1-dev/lora", "flux1"),
     # The embedded tiny SD3-architecture model that ships with PEC (keys look like "sd3").
     "sd3-toy": ("pec-embedded-sd3-toy/lora", "sd3-toy"),
+    "zimage": ("z-image/lora", "zimage"),
+    "qwen-image": ("qwen-image/lora", "qwen_image"),
 }
 _FLUX_SCHNELL_SPEC = "flux-1-schnell/lora"
 _SPEC_TO_ARCH = {spec: arch for arch, (spec, _) in ARCHITECTURES.items()} | {_FLUX_SCHNELL_SPEC: "flux"}
@@ -131,6 +133,13 @@ def module_path(key: str) -> str:
 _BLOCK_RE = re.compile(r"(?:^|\.)transformer_blocks\.(\d{1,9})\.(.*)$")
 _SINGLE_RE = re.compile(r"(?:^|\.)single_transformer_blocks\.\d{1,9}\.")
 _HIDDEN_KEYS = {"attn.to_q.weight", "attn.to_k.weight", "attn.to_q" + _A, "attn.to_k" + _A}
+# Z-Image: single-stream "layers" with attention / feed_forward, plus the noise and context refiners.
+_ZIMAGE_RE = re.compile(
+    r"(?:^|\.)(?:(?:noise|context)_refiner\.\d{1,9}\.|layers\.\d{1,9}\.(?:attention|feed_forward)\.)"
+)
+# Qwen-Image: MMDiT blocks with per-stream MLPs and modulations (FLUX.1 and SD3 name them ff / norm1).
+_QWENIMAGE_RE = re.compile(r"(?:^|\.)transformer_blocks\.\d{1,9}\.(?:img_mlp|txt_mlp|img_mod|txt_mod)\.")
+_FLUX_DOUBLE_BLOCKS = 19  # FLUX.1 has 19 double blocks: a 3072-wide block index beyond is Qwen-Image's (60)
 
 
 def guess_architecture(keys_and_shapes: Mapping[str, Any]) -> str:
@@ -140,12 +149,16 @@ def guess_architecture(keys_and_shapes: Mapping[str, Any]) -> str:
         keys_and_shapes: ``{key: shape or tensor}``; LoRA keys (``...lora_A.weight`` [r, in]) or a
             diffusers transformer's own state dict (``...weight`` [out, in]); any prefix is fine.
 
-    Returns ``"sd3" | "sd3.5-medium" | "sd3.5-large" | "flux" | "unknown"``, by these rules in order:
+    Returns ``"sd3" | "sd3.5-medium" | "sd3.5-large" | "flux" | "zimage" | "qwen-image" | "unknown"``,
+    by these rules in order:
 
     1. any ``single_transformer_blocks.N.`` key -> ``flux`` (only FLUX has single-stream blocks);
+       any ``noise_refiner`` / ``context_refiner`` / ``layers.N.attention|feed_forward`` key -> ``zimage``;
+       any ``transformer_blocks.N.img_mlp|txt_mlp|img_mod|txt_mod`` key -> ``qwen-image``;
     2. no ``transformer_blocks.N.`` key -> ``unknown``;
-    3. hidden size (in-features of ``attn.to_q`` / ``attn.to_k``) 3072 -> ``flux`` (a FLUX LoRA
-       that only targets the double blocks; no SD3 model is that wide);
+    3. hidden size (in-features of ``attn.to_q`` / ``attn.to_k``) 3072 -> ``qwen-image`` when a block
+       index is 19 or more, else ``flux`` (a FLUX LoRA that only targets the double blocks; no SD3 model
+       is that wide);
     4. any ``transformer_blocks.N.attn2.`` key -> ``sd3.5-medium`` (MMDiT-X self-attention blocks);
     5. hidden size 2432 or any block index >= 24 -> ``sd3.5-large`` (38 blocks, 38 heads x 64);
     6. otherwise ``sd3`` (24 blocks of 1536: SD3-Medium, or an SD3.5-Medium LoRA that leaves the
@@ -157,6 +170,10 @@ def guess_architecture(keys_and_shapes: Mapping[str, Any]) -> str:
     for key, value in keys_and_shapes.items():
         if _SINGLE_RE.search(key):
             return "flux"
+        if _ZIMAGE_RE.search(key):
+            return "zimage"
+        if _QWENIMAGE_RE.search(key):
+            return "qwen-image"
         match = _BLOCK_RE.search(key)
         if match is None:
             continue
@@ -170,7 +187,7 @@ def guess_architecture(keys_and_shapes: Mapping[str, Any]) -> str:
     if max_block < 0:
         return "unknown"
     if 3072 in hidden:
-        return "flux"
+        return "qwen-image" if max_block >= _FLUX_DOUBLE_BLOCKS else "flux"
     if has_attn2:
         return "sd3.5-medium"
     if 2432 in hidden or max_block >= 24:
