@@ -72,6 +72,8 @@ ARCHITECTURES = {
     "flux": ("flux-1-dev/lora", "flux1"),
     # The embedded tiny SD3-architecture model that ships with PEC (keys look like "sd3").
     "sd3-toy": ("pec-embedded-sd3-toy/lora", "sd3-toy"),
+    # FLUX.2 (dev, klein) is recognised but not written yet: ComfyUI maps only its original (BFL) layout.
+    "flux2": ("flux-2/lora", "flux2"),
     "zimage": ("z-image/lora", "zimage"),
     "qwen-image": ("qwen-image/lora", "qwen_image"),
 }
@@ -139,6 +141,10 @@ _ZIMAGE_RE = re.compile(
 )
 # Qwen-Image: MMDiT blocks with per-stream MLPs and modulations (FLUX.1 and SD3 name them ff / norm1).
 _QWENIMAGE_RE = re.compile(r"(?:^|\.)transformer_blocks\.\d{1,9}\.(?:img_mlp|txt_mlp|img_mod|txt_mod)\.")
+# FLUX.2 (diffusers layout): SwiGLU ff.linear_in/out and the single blocks' fused qkv+MLP projection.
+_FLUX2_RE = re.compile(
+    r"(?:^|\.)(?:transformer_blocks\.\d{1,9}\.ff(?:_context)?\.linear_(?:in|out)|attn\.to_qkv_mlp_proj)\."
+)
 _FLUX_DOUBLE_BLOCKS = 19  # FLUX.1 has 19 double blocks: a 3072-wide block index beyond is Qwen-Image's (60)
 
 
@@ -149,10 +155,11 @@ def guess_architecture(keys_and_shapes: Mapping[str, Any]) -> str:
         keys_and_shapes: ``{key: shape or tensor}``; LoRA keys (``...lora_A.weight`` [r, in]) or a
             diffusers transformer's own state dict (``...weight`` [out, in]); any prefix is fine.
 
-    Returns ``"sd3" | "sd3.5-medium" | "sd3.5-large" | "flux" | "zimage" | "qwen-image" | "unknown"``,
+    Returns ``"sd3" | "sd3.5-medium" | "sd3.5-large" | "flux" | "flux2" | "zimage" | "qwen-image" | "unknown"``,
     by these rules in order:
 
-    1. any ``single_transformer_blocks.N.`` key -> ``flux`` (only FLUX has single-stream blocks);
+    1. any ``ff.linear_in|out`` / ``ff_context.linear_in|out`` / ``attn.to_qkv_mlp_proj`` key -> ``flux2``;
+       any other ``single_transformer_blocks.N.`` key -> ``flux`` (only FLUX has single-stream blocks);
        any ``noise_refiner`` / ``context_refiner`` / ``layers.N.attention|feed_forward`` key -> ``zimage``;
        any ``transformer_blocks.N.img_mlp|txt_mlp|img_mod|txt_mod`` key -> ``qwen-image``;
     2. no ``transformer_blocks.N.`` key -> ``unknown``;
@@ -168,6 +175,8 @@ def guess_architecture(keys_and_shapes: Mapping[str, Any]) -> str:
     max_block = -1
     has_attn2 = False
     for key, value in keys_and_shapes.items():
+        if _FLUX2_RE.search(key):
+            return "flux2"
         if _SINGLE_RE.search(key):
             return "flux"
         if _ZIMAGE_RE.search(key):
@@ -383,6 +392,12 @@ def save_lora(
         tensors[FILE_PREFIX + module + _B] = (b.detach().to("cpu", torch.float32) * scale).to(dtype).contiguous()
     ranks = {m: a.shape[0] for m, (a, _, _) in modules.items()}
     arch = architecture or guess_architecture({m + _A: a.shape for m, (a, _, _) in modules.items()})
+    if arch == "flux2":
+        raise _error(
+            where,
+            "FLUX.2 LoRAs are not written yet: the diffusers layout leaves ff.linear_*, ff_context.linear_* and the "
+            "single blocks' projections unloaded in ComfyUI, and the original (BFL) layout writer is still to come",
+        )
 
     adapter = _adapter_metadata(ranks)
     r = adapter[FILE_PREFIX + "r"]

@@ -394,3 +394,43 @@ def test_trained_lora_loads_in_comfyui_with_every_key(comfy, trained, model_dirs
     base.transformer.load_state_dict(patched)
     guidance = config.sampling.guidance_scale
     tm.assert_close(_fixed_velocity(base, guidance), _fixed_velocity(adapted, guidance), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- FLUX.2: recognised, refused on FLUX.1
+
+
+def test_flux2_lora_is_recognised_and_refused_on_flux1(tmp_path):
+    """A diffusers-layout FLUX.2 LoRA (as other trainers write it): `pec inspect` names FLUX.2, the LoRA
+    Loader check refuses it on a FLUX.1 model and accepts it on FLUX.2, and save_lora will not write one in
+    the layout ComfyUI cannot load."""
+    from diffusers import Flux2Transformer2DModel
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from comfy_pec.lora_format import save_lora
+
+    model = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=(4, 4, 4, 4),
+        timestep_guidance_channels=16,
+    )
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "ff.linear_in", "ff.linear_out", "to_qkv_mlp_proj"]
+    tm.add_random_lora(model, targets=targets)
+    state = {"transformer." + k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    path = tmp_path / "flux2.safetensors"
+    save_file(state, str(path))
+    info = inspect_lora(path)
+    assert info.architecture == "flux2"
+    coverage = lora_key_coverage(state, [n for n, _ in model.named_modules()])
+    assert model_family(["Flux2", "Flux", "BASE"]) == "flux2"
+    check_lora(info, coverage, model_family(["Flux2", "Flux", "BASE"]))
+    with pytest.raises(PECError, match="this LoRA is for FLUX2 models but the model is flux"):
+        check_lora(info, coverage, model_family(["Flux", "BASE"]))
+    with pytest.raises(PECError, match="BFL"):
+        save_lora(state, tmp_path / "out.safetensors", alpha=4)

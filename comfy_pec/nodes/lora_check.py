@@ -9,12 +9,12 @@ from ..lora_format import ARCHITECTURES, KeyCoverage, LoraInfo, format_lora_info
 __all__ = ["check_lora", "lora_family", "model_family"]
 
 # ComfyUI model-config class names (comfy.supported_models) → the LoRA family they take.
-_CONFIG_FAMILIES = {"SD3": "sd3", "Flux": "flux", "ZImage": "zimage", "QwenImage": "qwen-image"}
+_CONFIG_FAMILIES = {"SD3": "sd3", "Flux2": "flux2", "Flux": "flux", "ZImage": "zimage", "QwenImage": "qwen-image"}
 
 
 def model_family(config_class_names: list[str]) -> str:
-    """``"sd3"`` / ``"flux"`` / ``"zimage"`` / ``"qwen-image"`` / ``"other:<name>"`` from a model config's
-    class and its bases, the most derived first (ComfyUI's
+    """``"sd3"`` / ``"flux"`` / ``"flux2"`` / ``"zimage"`` / ``"qwen-image"`` / ``"other:<name>"`` from a model
+    config's class and its bases, the most derived first (``Flux2`` derives from ``Flux``; ComfyUI's
     ``FluxSchnell`` and ``FluxInpaint`` derive from ``Flux``; SD3, SD3.5 Medium and Large are ``SD3``)."""
     for name in config_class_names:
         if name in _CONFIG_FAMILIES:
