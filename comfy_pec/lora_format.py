@@ -72,6 +72,10 @@ ARCHITECTURES = {
     "flux": ("flux-1-dev/lora", "flux1"),
     # The embedded tiny SD3-architecture model that ships with PEC (keys look like "sd3").
     "sd3-toy": ("pec-embedded-sd3-toy/lora", "sd3-toy"),
+    # FLUX.2 (dev, klein) is recognised but not written yet: ComfyUI maps only its original (BFL) layout.
+    "flux2": ("flux-2/lora", "flux2"),
+    "zimage": ("z-image/lora", "zimage"),
+    "qwen-image": ("qwen-image/lora", "qwen_image"),
 }
 _FLUX_SCHNELL_SPEC = "flux-1-schnell/lora"
 _SPEC_TO_ARCH = {spec: arch for arch, (spec, _) in ARCHITECTURES.items()} | {_FLUX_SCHNELL_SPEC: "flux"}
@@ -131,6 +135,17 @@ def module_path(key: str) -> str:
 _BLOCK_RE = re.compile(r"(?:^|\.)transformer_blocks\.(\d{1,9})\.(.*)$")
 _SINGLE_RE = re.compile(r"(?:^|\.)single_transformer_blocks\.\d{1,9}\.")
 _HIDDEN_KEYS = {"attn.to_q.weight", "attn.to_k.weight", "attn.to_q" + _A, "attn.to_k" + _A}
+# Z-Image: single-stream "layers" with attention / feed_forward, plus the noise and context refiners.
+_ZIMAGE_RE = re.compile(
+    r"(?:^|\.)(?:(?:noise|context)_refiner\.\d{1,9}\.|layers\.\d{1,9}\.(?:attention|feed_forward)\.)"
+)
+# Qwen-Image: MMDiT blocks with per-stream MLPs and modulations (FLUX.1 and SD3 name them ff / norm1).
+_QWENIMAGE_RE = re.compile(r"(?:^|\.)transformer_blocks\.\d{1,9}\.(?:img_mlp|txt_mlp|img_mod|txt_mod)\.")
+# FLUX.2 (diffusers layout): SwiGLU ff.linear_in/out and the single blocks' fused qkv+MLP projection.
+_FLUX2_RE = re.compile(
+    r"(?:^|\.)(?:transformer_blocks\.\d{1,9}\.ff(?:_context)?\.linear_(?:in|out)|attn\.to_qkv_mlp_proj)\."
+)
+_FLUX_DOUBLE_BLOCKS = 19  # FLUX.1 has 19 double blocks: a 3072-wide block index beyond is Qwen-Image's (60)
 
 
 def guess_architecture(keys_and_shapes: Mapping[str, Any]) -> str:
@@ -140,12 +155,17 @@ def guess_architecture(keys_and_shapes: Mapping[str, Any]) -> str:
         keys_and_shapes: ``{key: shape or tensor}``; LoRA keys (``...lora_A.weight`` [r, in]) or a
             diffusers transformer's own state dict (``...weight`` [out, in]); any prefix is fine.
 
-    Returns ``"sd3" | "sd3.5-medium" | "sd3.5-large" | "flux" | "unknown"``, by these rules in order:
+    Returns ``"sd3" | "sd3.5-medium" | "sd3.5-large" | "flux" | "flux2" | "zimage" | "qwen-image" | "unknown"``,
+    by these rules in order:
 
-    1. any ``single_transformer_blocks.N.`` key -> ``flux`` (only FLUX has single-stream blocks);
+    1. any ``ff.linear_in|out`` / ``ff_context.linear_in|out`` / ``attn.to_qkv_mlp_proj`` key -> ``flux2``;
+       any other ``single_transformer_blocks.N.`` key -> ``flux`` (only FLUX has single-stream blocks);
+       any ``noise_refiner`` / ``context_refiner`` / ``layers.N.attention|feed_forward`` key -> ``zimage``;
+       any ``transformer_blocks.N.img_mlp|txt_mlp|img_mod|txt_mod`` key -> ``qwen-image``;
     2. no ``transformer_blocks.N.`` key -> ``unknown``;
-    3. hidden size (in-features of ``attn.to_q`` / ``attn.to_k``) 3072 -> ``flux`` (a FLUX LoRA
-       that only targets the double blocks; no SD3 model is that wide);
+    3. hidden size (in-features of ``attn.to_q`` / ``attn.to_k``) 3072 -> ``qwen-image`` when a block
+       index is 19 or more, else ``flux`` (a FLUX LoRA that only targets the double blocks; no SD3 model
+       is that wide);
     4. any ``transformer_blocks.N.attn2.`` key -> ``sd3.5-medium`` (MMDiT-X self-attention blocks);
     5. hidden size 2432 or any block index >= 24 -> ``sd3.5-large`` (38 blocks, 38 heads x 64);
     6. otherwise ``sd3`` (24 blocks of 1536: SD3-Medium, or an SD3.5-Medium LoRA that leaves the
@@ -155,8 +175,14 @@ def guess_architecture(keys_and_shapes: Mapping[str, Any]) -> str:
     max_block = -1
     has_attn2 = False
     for key, value in keys_and_shapes.items():
+        if _FLUX2_RE.search(key):
+            return "flux2"
         if _SINGLE_RE.search(key):
             return "flux"
+        if _ZIMAGE_RE.search(key):
+            return "zimage"
+        if _QWENIMAGE_RE.search(key):
+            return "qwen-image"
         match = _BLOCK_RE.search(key)
         if match is None:
             continue
@@ -170,7 +196,7 @@ def guess_architecture(keys_and_shapes: Mapping[str, Any]) -> str:
     if max_block < 0:
         return "unknown"
     if 3072 in hidden:
-        return "flux"
+        return "qwen-image" if max_block >= _FLUX_DOUBLE_BLOCKS else "flux"
     if has_attn2:
         return "sd3.5-medium"
     if 2432 in hidden or max_block >= 24:
@@ -366,6 +392,12 @@ def save_lora(
         tensors[FILE_PREFIX + module + _B] = (b.detach().to("cpu", torch.float32) * scale).to(dtype).contiguous()
     ranks = {m: a.shape[0] for m, (a, _, _) in modules.items()}
     arch = architecture or guess_architecture({m + _A: a.shape for m, (a, _, _) in modules.items()})
+    if arch == "flux2":
+        raise _error(
+            where,
+            "FLUX.2 LoRAs are not written yet: the diffusers layout leaves ff.linear_*, ff_context.linear_* and the "
+            "single blocks' projections unloaded in ComfyUI, and the original (BFL) layout writer is still to come",
+        )
 
     adapter = _adapter_metadata(ranks)
     r = adapter[FILE_PREFIX + "r"]

@@ -116,6 +116,41 @@ def flux_schedule(num_steps: int, image_seq_len: int) -> torch.Tensor:
     return _append_zero(flux_shift_sigmas(base_sigmas(num_steps), flux_mu(image_seq_len)))
 
 
+def stretch_to_terminal(sigmas: torch.Tensor, terminal: float) -> torch.Tensor:
+    """Stretch a decreasing schedule so its last sigma is ``terminal`` (Qwen-Image ends at 0.02):
+    ``σ' = 1 - (1 - σ)·(1 - terminal)/(1 - σ_N)``. float32 out."""
+    one_minus = 1.0 - sigmas.double()
+    return (1.0 - one_minus * ((1.0 - terminal) / one_minus[-1])).float()
+
+
+def scheduler_schedule(num_steps: int, image_seq_len: int, config: dict) -> torch.Tensor:
+    """The schedule a diffusers ``FlowMatchEulerDiscreteScheduler`` ``config`` gives for
+    ``linspace(1, 1/N, N)`` (what the FLUX.2, Z-Image and Qwen-Image pipelines pass), then 0. [N+1].
+
+    Dynamic shifting: ``μ`` of :func:`flux_mu` with the config's ``base/max_image_seq_len`` and
+    ``base/max_shift``, applied as :func:`flux_shift_sigmas` (``time_shift_type`` exponential, the only
+    one these families use); else the static shift ``config["shift"]``. A ``shift_terminal`` then
+    stretches the schedule with :func:`stretch_to_terminal`.
+    """
+    if config.get("time_shift_type", "exponential") != "exponential":
+        raise PECError(f"time_shift_type {config['time_shift_type']!r} is not supported (only exponential)")
+    sigmas = base_sigmas(num_steps)
+    if config.get("use_dynamic_shifting"):
+        mu = flux_mu(
+            image_seq_len,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        sigmas = flux_shift_sigmas(sigmas, mu)
+    else:
+        sigmas = shift_sigmas(sigmas, float(config.get("shift", 1.0)))
+    if config.get("shift_terminal"):
+        sigmas = stretch_to_terminal(sigmas, float(config["shift_terminal"]))
+    return _append_zero(sigmas)
+
+
 # --------------------------------------------------------------------------------------------------
 # Steps (docs/design.md §3)
 # --------------------------------------------------------------------------------------------------

@@ -9,11 +9,12 @@ from ..lora_format import ARCHITECTURES, KeyCoverage, LoraInfo, format_lora_info
 __all__ = ["check_lora", "lora_family", "model_family"]
 
 # ComfyUI model-config class names (comfy.supported_models) → the LoRA family they take.
-_CONFIG_FAMILIES = {"SD3": "sd3", "Flux": "flux"}
+_CONFIG_FAMILIES = {"SD3": "sd3", "Flux2": "flux2", "Flux": "flux", "ZImage": "zimage", "QwenImage": "qwen-image"}
 
 
 def model_family(config_class_names: list[str]) -> str:
-    """``"sd3"`` / ``"flux"`` / ``"other:<name>"`` from a model config's class and its bases (ComfyUI's
+    """``"sd3"`` / ``"flux"`` / ``"flux2"`` / ``"zimage"`` / ``"qwen-image"`` / ``"other:<name>"`` from a model
+    config's class and its bases, the most derived first (``Flux2`` derives from ``Flux``; ComfyUI's
     ``FluxSchnell`` and ``FluxInpaint`` derive from ``Flux``; SD3, SD3.5 Medium and Large are ``SD3``)."""
     for name in config_class_names:
         if name in _CONFIG_FAMILIES:
@@ -22,13 +23,14 @@ def model_family(config_class_names: list[str]) -> str:
 
 
 def lora_family(info: LoraInfo) -> str:
-    """``"sd3"`` / ``"flux"`` / ``"unknown"``: the declared architecture when the header has one we know,
-    else the one guessed from the keys (the embedded toy model's LoRAs are SD3-family)."""
+    """The family of :func:`model_family` a LoRA is for, or ``"unknown"``: from the declared architecture
+    when the header has one we know, else from the one guessed from the keys (the embedded toy model's
+    LoRAs are SD3-family)."""
     declared = next((arch for arch, (spec, _) in ARCHITECTURES.items() if spec == info.declared_architecture), None)
     arch = declared or info.architecture
     if arch.startswith("sd3"):
         return "sd3"
-    return "flux" if arch.startswith("flux") else "unknown"
+    return arch if arch in set(_CONFIG_FAMILIES.values()) else "unknown"
 
 
 def check_lora(

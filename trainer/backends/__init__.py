@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
@@ -14,9 +15,21 @@ from .base import Backend, PromptEmbeds
 EMBEDDED_MODEL = str(Path(__file__).resolve().parent.parent / "toy" / "pretrained")
 
 # diffusers pipeline class (model_index.json "_class_name") -> family
-_PIPELINE_FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+_PIPELINE_FAMILIES = {
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+    "ZImagePipeline": "zimage",
+    "QwenImagePipeline": "qwenimage",
+}
+# family -> (module of this package, backend class): adding a family is one file and one line here.
+_BACKENDS = {
+    "sd3": ("sd3", "SD3Backend"),
+    "flux": ("flux", "FluxBackend"),
+    "zimage": ("zimage", "ZImageBackend"),
+    "qwenimage": ("qwenimage", "QwenImageBackend"),
+}
 #: the supported model families.
-FAMILIES = ("sd3", "flux")
+FAMILIES = tuple(_BACKENDS)
 
 
 def detect_family(path_or_id: str) -> str:
@@ -48,14 +61,10 @@ def load_backend(path_or_id: str | None = None, family: str | None = None, **kwa
     if family is None:
         base = kwargs.get("base")
         family = detect_family(base if base and is_single_file(path_or_id) else path_or_id)
-    if family == "sd3":
-        from .sd3 import SD3Backend
-
-        return SD3Backend.from_pretrained(path_or_id, **kwargs)
-    if family == "flux":
-        from .flux import FluxBackend
-
-        return FluxBackend.from_pretrained(path_or_id, **kwargs)
+    if family in _BACKENDS:
+        module, name = _BACKENDS[family]
+        backend = getattr(importlib.import_module(f".{module}", __name__), name)
+        return backend.from_pretrained(path_or_id, **kwargs)
     raise PECError(f"unknown model family {family!r}; supported: {', '.join(FAMILIES)}")
 
 

@@ -109,7 +109,7 @@ class PipelineBackend(Backend):
         self.source = source
         self.defaults = {**self.builtin_defaults, **(defaults or {})}
         self.max_sequence_length = int(self.defaults["max_sequence_length"])
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = self._vae_scale_factor(self.vae)
         # The network's dtype as loaded: LoRA parameters added later may be float32.
         self.dtype = next(self.transformer.parameters()).dtype
         self.prompt_cache = PromptCache(prompt_cache) if prompt_cache > 0 else None
@@ -123,6 +123,11 @@ class PipelineBackend(Backend):
         self.architecture = self.defaults.get("architecture") or guess_architecture(
             {k: v.shape for k, v in self.transformer.state_dict().items()}
         )
+
+    @staticmethod
+    def _vae_scale_factor(vae) -> int:
+        """Pixels per latent cell of ``vae`` (an ``AutoencoderKL``: 2 per down-sampling block)."""
+        return 2 ** (len(vae.config.block_out_channels) - 1)
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:

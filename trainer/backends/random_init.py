@@ -285,3 +285,235 @@ def save_pipeline(pipe, directory: str | Path, defaults: dict[str, Any] | None =
     if defaults:
         (directory / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2, sort_keys=True) + "\n")
     return directory
+
+
+# ----------------------------------------------------------------------------- Z-Image and Qwen-Image
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMPipelineSpec:
+    """Configs of a pipeline whose text encoder is a Qwen LLM: Z-Image (Qwen3) or Qwen-Image (Qwen2.5-VL).
+
+    ``text_encoder`` holds the transformers config kwargs (``Qwen3Config``, or ``Qwen2_5_VLConfig`` with
+    ``text_config`` and ``vision_config``), ``scheduler`` the ``FlowMatchEulerDiscreteScheduler`` config.
+    """
+
+    family: str  # "zimage" | "qwenimage"
+    transformer: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoder: dict[str, Any]
+    scheduler: dict[str, Any]
+    defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _qwen_vae(base_dim: int, dim_mult: tuple[int, ...], blocks: int) -> dict[str, Any]:
+    """The Qwen-Image VAE (one-frame video VAE, 16 channels; latents_mean/std are its defaults)."""
+    return dict(
+        base_dim=base_dim,
+        z_dim=16,
+        dim_mult=list(dim_mult),
+        num_res_blocks=blocks,
+        temperal_downsample=[False, True, True][: len(dim_mult) - 1],
+    )
+
+
+def _qwen3(hidden: int, ff: int, layers: int, heads: int, kv: int, head_dim: int, vocab: int = 151936):
+    return dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ff,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=head_dim,
+        tie_word_embeddings=True,
+    )
+
+
+# Published scheduler configs: Z-Image-Turbo shifts statically by 3; Qwen-Image shifts dynamically and
+# stretches the schedule to end at 0.02.
+_ZIMAGE_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+_QWENIMAGE_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    shift=1.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=0.9,
+    base_image_seq_len=256,
+    max_image_seq_len=8192,
+    shift_terminal=0.02,
+    time_shift_type="exponential",
+)
+_TINY_LLM_DEFAULTS = dict(resolution=32, num_steps=4, eval_num_steps=4, max_sequence_length=48)
+
+#: name -> spec; the published sizes, and tiny ones for CPU tests (32 px images) whose shapes ComfyUI's
+#: loaders accept (Z-Image: dim >= 1024 for ComfyUI's timestep MLP widths, FFN width int(8/3·dim) a
+#: multiple of 256: 1056 is the smallest such dim).
+LLM_SPECS: dict[str, LLMPipelineSpec] = {
+    "z-image-turbo": LLMPipelineSpec(
+        family="zimage",
+        transformer=dict(
+            dim=3840,
+            n_layers=30,
+            n_refiner_layers=2,
+            n_heads=30,
+            n_kv_heads=30,
+            cap_feat_dim=2560,
+            axes_dims=[32, 48, 48],
+            axes_lens=[1536, 512, 512],
+        ),
+        vae=_FLUX_VAE,
+        text_encoder=_qwen3(2560, 9728, 36, 32, 8, 128),
+        scheduler=_ZIMAGE_SCHEDULER,
+    ),
+    "qwen-image": LLMPipelineSpec(
+        family="qwenimage",
+        transformer=dict(
+            patch_size=2,
+            in_channels=64,
+            out_channels=16,
+            num_layers=60,
+            attention_head_dim=128,
+            num_attention_heads=24,
+            joint_attention_dim=3584,
+            axes_dims_rope=(16, 56, 56),
+        ),
+        vae=_qwen_vae(96, (1, 2, 4, 4), 2),
+        text_encoder=dict(
+            text_config=dict(
+                vocab_size=152064,
+                hidden_size=3584,
+                intermediate_size=18944,
+                num_hidden_layers=28,
+                num_attention_heads=28,
+                num_key_value_heads=4,
+                rope_parameters=dict(rope_type="default", mrope_section=[16, 24, 24], rope_theta=1e6),
+            ),
+            vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584),
+        ),
+        scheduler=_QWENIMAGE_SCHEDULER,
+    ),
+    "tiny-zimage": LLMPipelineSpec(
+        family="zimage",
+        transformer=dict(
+            dim=1056,
+            n_layers=1,
+            n_refiner_layers=1,
+            n_heads=11,
+            n_kv_heads=11,
+            cap_feat_dim=32,
+            axes_dims=[32, 32, 32],
+            axes_lens=[64, 32, 32],
+        ),
+        vae=_TINY["vae"],
+        text_encoder=_qwen3(32, 64, 2, 2, 1, 16, vocab=0),
+        scheduler=_ZIMAGE_SCHEDULER,
+        defaults=_TINY_LLM_DEFAULTS,
+    ),
+    "tiny-qwenimage": LLMPipelineSpec(
+        family="qwenimage",
+        transformer=dict(
+            patch_size=2,
+            in_channels=64,
+            out_channels=16,
+            num_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            axes_dims_rope=(4, 6, 6),
+        ),
+        vae=_qwen_vae(8, (1, 2), 1),
+        text_encoder=dict(
+            text_config=dict(
+                vocab_size=0,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                rope_parameters=dict(rope_type="default", mrope_section=[2, 3, 3], rope_theta=1e6),
+            ),
+            vision_config=dict(
+                depth=1,
+                hidden_size=16,
+                intermediate_size=32,
+                num_heads=2,
+                out_hidden_size=32,
+                fullatt_block_indexes=[0],
+            ),
+        ),
+        scheduler=_QWENIMAGE_SCHEDULER,
+        defaults=_TINY_LLM_DEFAULTS,
+    ),
+}
+
+_QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def qwen_tokenizer(vocab_size: int = 512):
+    """A Qwen2 byte-level BPE tokenizer trained on the world's words, with the ChatML special tokens and
+    chat template the Z-Image / Qwen-Image pipelines use; ``<|endoftext|>`` pads."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    # Qwen-Image wraps prompts in a fixed system prompt and drops its first 34 tokens: its words are in the
+    # vocabulary so that, as with the real tokenizer, the template is short and the prompt survives.
+    template = "system user assistant Describe the image by detailing the color, shape, size, texture, quantity, "
+    template += "text, spatial relationships of the objects and background:"
+    tok.train_from_iterator([" ".join(_words()), template], trainer)
+    return Qwen2TokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
+        chat_template=_QWEN_CHAT_TEMPLATE,
+    )
+
+
+def build_llm_pipeline(spec: LLMPipelineSpec | str, seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32):
+    """A randomly initialised ``ZImagePipeline`` / ``QwenImagePipeline`` of ``spec`` (an :data:`LLM_SPECS`
+    name or a spec); VAE in float32. Saved with :func:`save_pipeline`, it loads through ``load_backend``."""
+    import diffusers
+    import transformers
+
+    spec = LLM_SPECS[spec] if isinstance(spec, str) else spec
+    torch.manual_seed(seed)
+    tokenizer = qwen_tokenizer()
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**spec.scheduler)
+    with torch.device(device):
+        if spec.family == "zimage":
+            config = transformers.Qwen3Config(
+                **dict(spec.text_encoder, vocab_size=spec.text_encoder["vocab_size"] or len(tokenizer))
+            )
+            text_encoder = transformers.Qwen3Model(config)
+            transformer = diffusers.ZImageTransformer2DModel(**spec.transformer)
+            vae = diffusers.AutoencoderKL(**spec.vae)
+            pipeline = diffusers.ZImagePipeline
+        else:
+            text = dict(spec.text_encoder["text_config"])
+            text["vocab_size"] = text["vocab_size"] or len(tokenizer)
+            config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=spec.text_encoder["vision_config"])
+            text_encoder = transformers.Qwen2_5_VLForConditionalGeneration(config)
+            transformer = diffusers.QwenImageTransformer2DModel(**spec.transformer)
+            vae = diffusers.AutoencoderKLQwenImage(**spec.vae)
+            pipeline = diffusers.QwenImagePipeline
+    return pipeline(
+        transformer=transformer.to(dtype).eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.to(dtype).eval(),
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+    )
