@@ -135,8 +135,7 @@ SHOWN_HEIGHT = {
     "SaveImage": 260,
     "PECBatchDiversity": 560,
     "PECPerceptualEntropy": 420,
-    "PECLoraLoader": 120,
-    "PECLoraLoaderModelOnly": 120,
+    "PECSelectDiverse": 110,
     "PECPerceptualEncoderLoader": 60,
 }
 WIDE = {"PECBatchDiversity": 420, "PECPerceptualEntropy": 420}
@@ -352,8 +351,8 @@ def batch_diversity() -> Workflow:
         + _sd35_sampling(10, Link(1), 0, 6)
         + [
             Node(20, "PECBatchDiversity", {"images": Link(13), "encoder": Link(7), "q": 1.0, "group_size": 0}, (5, 0)),
-            Node(21, "PECSelectDiverse", {"images": Link(13), "encoder": Link(7), "k": 4, "q": 1.0}, (5, 420)),
-            Node(22, "SaveImage", {"images": Link(21), "filename_prefix": "PEC_diverse4"}, (6, 420)),
+            Node(21, "PECSelectDiverse", {"images": Link(13), "encoder": Link(7), "k": 4, "q": 1.0}, (5, 810)),
+            Node(22, "SaveImage", {"images": Link(21), "filename_prefix": "PEC_diverse4"}, (6, 810)),
             Node(
                 23,
                 "PECPerceptualEntropy",
@@ -400,7 +399,7 @@ def lora_on_off() -> Workflow:
             (1, 420),
         ),
         *_sd35_sampling(10, Link(1), 0, 6),
-        *_sd35_sampling(30, Link(8), 560, 6),
+        *_sd35_sampling(30, Link(8), 810, 6),
         Node(
             20,
             "PECBatchDiversity",
@@ -412,11 +411,11 @@ def lora_on_off() -> Workflow:
             21,
             "PECBatchDiversity",
             {"images": Link(33), "encoder": Link(7), "q": 1.0, "group_size": 0},
-            (5, 560),
+            (5, 810),
             "with PEC LoRA",
         ),
         Node(22, "PreviewImage", {"images": Link(13)}, (6, 0), "base model"),
-        Node(23, "PreviewImage", {"images": Link(33)}, (6, 560), "with PEC LoRA"),
+        Node(23, "PreviewImage", {"images": Link(33)}, (6, 810), "with PEC LoRA"),
     ]
     return Workflow(
         "pec_lora_on_off",
@@ -441,8 +440,8 @@ def score_images_demo() -> Workflow:
         Node(7, "ImageBatch", {"image1": Link(6), "image2": Link(4)}, (1, 280)),
         Node(8, "PECPerceptualEncoderLoader", {"model": "toy (embedded)", "encoder_type": "auto"}, (1, 440)),
         Node(9, "PECBatchDiversity", {"images": Link(7), "encoder": Link(8), "q": 1.0, "group_size": 0}, (2, 0)),
-        Node(10, "PECSelectDiverse", {"images": Link(7), "encoder": Link(8), "k": 3, "q": 1.0}, (2, 380)),
-        Node(11, "PreviewImage", {"images": Link(10)}, (3, 380)),
+        Node(10, "PECSelectDiverse", {"images": Link(7), "encoder": Link(8), "k": 3, "q": 1.0}, (2, 810)),
+        Node(11, "PreviewImage", {"images": Link(10)}, (3, 810)),
     ]
     return Workflow(
         "pec_score_images_demo",
