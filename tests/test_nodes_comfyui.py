@@ -36,6 +36,7 @@ PEC_IDS = [
     "PECBatchDiversity",
     "PECSelectDiverse",
     "PECPerceptualEntropy",
+    "PECEmbeddedModelLoader",
 ]
 
 
@@ -290,6 +291,99 @@ def test_perceptual_entropy_node_probes_one_step(comfy, sd3, encoder):
         decode="x0",
     )
     assert again[0] != entropy
+
+
+# ----------------------------------------------------------------------------- the embedded model
+
+
+@pytest.fixture(scope="module")
+def embedded(comfy):
+    """MODEL, CLIP, VAE from PEC Embedded Model Loader."""
+    return run(comfy, "PECEmbeddedModelLoader")
+
+
+@pytest.fixture(scope="module")
+def demo_lora(comfy, tmp_path_factory):
+    """A LoRA on the embedded transformer written by the trainer's writer (what `pec demo` saves), with
+    random B so that it visibly changes images; placed in ComfyUI's loras folder."""
+    from diffusers import SD3Transformer2DModel
+
+    from comfy_pec.nodes.embedded import embedded_folder
+
+    transformer = SD3Transformer2DModel.from_pretrained(str(embedded_folder() / "transformer"))
+    tm.add_random_lora(transformer, r=4, alpha=4, seed=3)
+    path = comfy[3] / "loras" / "pec_demo.safetensors"
+    save_lora(transformer, path, dtype=torch.float32, architecture="sd3", base_model="embedded")
+    return path
+
+
+def _pec_sample(lora=None, seed=0):
+    """What `pec sample [--lora]` draws for one prompt and seed (ODE), as an IMAGE [1, 64, 64, 3]."""
+    from trainer.backends import EMBEDDED_MODEL, load_backend
+    from trainer.sampling import sample_images
+
+    backend = load_backend(EMBEDDED_MODEL)
+    if lora is not None:
+        backend.load_lora(str(lora))
+    images = sample_images(backend, ["a red circle"], [seed], sde="flow_sde", noise_level=0.0, progress=False)
+    return images.movedim(1, -1)
+
+
+def _comfy_sample(comfy, embedded, model=None, sampler="euler", seed=0):
+    """KSampler-style sampling (10 steps, simple schedule, CFG 3, 128x128 SD3 latent) and VAEDecode."""
+    nodes = comfy[1]
+    model = embedded[0] if model is None else model
+    encode = nodes.CLIPTextEncode()
+    positive, negative = encode.encode(embedded[1], "a red circle")[0], encode.encode(embedded[1], "")[0]
+    latent = {"samples": torch.zeros(1, 16, 16, 16)}
+    if sampler == "euler":
+        out = nodes.common_ksampler(model, seed, 10, 3.0, "euler", "simple", positive, negative, latent)[0]
+    else:
+        sigmas = comfy[0].samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 10)
+        noise = comfy[0].sample.prepare_noise(latent["samples"], seed)
+        samples = comfy[0].sample.sample_custom(
+            model, noise, 3.0, sampler, sigmas, positive, negative, latent["samples"], seed=seed, disable_pbar=True
+        )
+        out = {"samples": samples}
+    return nodes.VAEDecode().decode(embedded[2], out)[0]
+
+
+# Same float32 arithmetic in another order (ComfyUI's fused qkv and attention vs diffusers' separate
+# projections): 3e-6 measured on [0, 1] pixels; 1e-4 leaves margin and is 40x below one 8-bit level.
+PIXEL_TOLERANCE = 1e-4
+
+
+def test_embedded_model_is_comfyuis_sd3_and_reproduces_pec_sample(comfy, embedded):
+    model, clip, vae = embedded
+    assert type(model.model).__name__ == "SD3" and model.get_model_object("model_sampling").shift == 1.0
+    image = _comfy_sample(comfy, embedded)
+    assert image.shape == (1, 64, 64, 3)
+    assert (image - _pec_sample()).abs().max() <= PIXEL_TOLERANCE
+
+
+def test_demo_lora_through_stock_and_pec_loaders_reproduces_pec_sample_lora(comfy, embedded, demo_lora):
+    reference = _pec_sample(demo_lora)
+    assert (reference - _pec_sample()).abs().max() > 0.05  # the LoRA changes the image
+    stock = comfy[1].LoraLoaderModelOnly().load_lora_model_only(embedded[0], demo_lora.name, 1.0)[0]
+    pec, summary = run(
+        comfy,
+        "PECLoraLoaderModelOnly",
+        model=embedded[0],
+        lora_name=demo_lora.name,
+        strength_model=1.0,
+        allow_mismatch=False,
+    )
+    assert "modules matched" in summary and " 0 of" not in summary
+    for patched in (stock, pec):
+        assert (_comfy_sample(comfy, embedded, patched) - reference).abs().max() <= PIXEL_TOLERANCE
+
+
+def test_pec_sampler_at_noise_zero_is_euler_and_a_seed_repeats_on_the_embedded_model(comfy, embedded):
+    euler = _comfy_sample(comfy, embedded)
+    ode = _comfy_sample(comfy, embedded, sampler=pec_sampler(comfy, 0.0))
+    assert (ode - euler).abs().max() <= 1e-5
+    sde = [_comfy_sample(comfy, embedded, sampler=pec_sampler(comfy, 0.7), seed=4) for _ in range(2)]
+    assert torch.equal(sde[0], sde[1]) and (sde[0] - euler).abs().max() > 0.01
 
 
 # ----------------------------------------------------------------------------- headless server

@@ -84,6 +84,12 @@ _ALLOW = In(
 _SUMMARY = Out("summary", "STRING", "method, β, base model, usage hint, matched/unmatched keys")
 
 
+def _embedded_model():
+    from .embedded import load_embedded
+
+    return NodeResult(load_embedded())
+
+
 # ----------------------------------------------------------------------------- Flow SDE sampler
 
 
@@ -326,6 +332,23 @@ SPECS = [
         [In("model", "MODEL", "the diffusion model the LoRA was trained on (FLUX, SD3.5, ...)"), *_LORA_INPUTS, _ALLOW],
         [Out("MODEL", "MODEL", "the model with the LoRA applied"), _SUMMARY],
         _lora_loader_model_only,
+    ),
+    NodeSpec(
+        "PECEmbeddedModelLoader",
+        "PEC Embedded Model Loader",
+        "PEC/loaders",
+        "The tiny SD3-type model that ships with PEC (64 px images of coloured shapes, seconds on a CPU): "
+        "try the sampler, a `pec demo` LoRA and the diversity nodes without downloading weights. MODEL is "
+        "ComfyUI's own SD3 model (stock samplers and LoRA loaders work); CLIP and VAE wrap the tiny diffusers "
+        "components. Latent nodes assume 8x downscaling, this VAE has 4: a 128x128 EmptySD3LatentImage gives "
+        "64x64 images.",
+        [],
+        [
+            Out("MODEL", "MODEL", "ComfyUI's SD3 model class with the embedded weights (shift 1.0)"),
+            Out("CLIP", "CLIP", "the two tiny CLIP text encoders (for CLIPTextEncode)"),
+            Out("VAE", "VAE", "the tiny 16-channel VAE (for VAEDecode / VAEEncode)"),
+        ],
+        _embedded_model,
     ),
     NodeSpec(
         "PECFlowSDESampler",
