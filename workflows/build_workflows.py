@@ -1,7 +1,8 @@
-"""Write the example workflows in both ComfyUI formats, and their pictures, from one description.
+"""Write the example workflows in both ComfyUI formats from one description.
 
-    python workflows/build_workflows.py            # workflows/*.json (UI) and workflows/api/*.json (API)
-    python workflows/build_workflows.py --pictures # also docs/workflow_*.png (needs matplotlib)
+    python workflows/build_workflows.py   # workflows/*.json (UI) and workflows/api/*.json (API)
+
+The pictures in docs/ are screenshots of ComfyUI's front end (tests/test_frontend_browser.py).
 
 Each graph is listed once below as nodes with their inputs (widget values, or links to another node's
 output); the UI format (what ComfyUI's "Load" opens) and the API format (what ``POST /prompt`` takes)
@@ -15,6 +16,7 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -306,49 +308,99 @@ def flux_lora_sde() -> Workflow:
     )
 
 
-def _sd35_sampling(first_id: int, model: Link, y: int, seed_node: int) -> list[Node]:
-    """SD3.5 sampling of a batch of 8 from checkpoint node 1 with the prompt nodes 2/3."""
+@dataclass(frozen=True)
+class Base:
+    """The model a workflow samples with: its loader node (outputs MODEL, CLIP, VAE) and settings."""
+
+    suffix: str  # of the workflow name
+    loader: str
+    loader_inputs: dict
+    prompt: str
+    negative: str
+    latent_side: int  # EmptySD3LatentImage width/height
+    steps: int
+    cfg: float
+    encoder: str
+    lora: str
+    repeats: int  # PEC Perceptual Entropy draws
+    notes: tuple[str, ...]
+
+
+SD35 = Base(
+    "",
+    "CheckpointLoaderSimple",
+    {"ckpt_name": "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors"},
+    PROMPT,
+    NEGATIVE,
+    1024,
+    28,
+    4.5,
+    "dinov2-small",
+    "pec_sd35m_pickscore.safetensors",
+    8,
+    (
+        "Put facebook/dinov2-small (config.json + weights) in models/pec_encoders/dinov2-small,",
+        "or connect a CLIP Vision Loader to the encoder loader's clip_vision input.",
+    ),
+)
+EMBEDDED = Base(
+    "_embedded",
+    "PECEmbeddedModelLoader",
+    {},
+    "a red circle",
+    "",
+    128,
+    10,
+    3.0,
+    "toy (embedded)",
+    "pec_demo.safetensors",
+    4,
+    (
+        "The embedded tiny model and toy encoder: no download, seconds on a CPU (64x64 images from a",
+        "128x128 latent node: the tiny VAE downscales by 4). For SD3.5 use the workflow without _embedded.",
+    ),
+)
+DEMO_LORA_NOTE = "LoRA: run `pec demo` and copy runs/demo/lora.safetensors to models/loras/pec_demo.safetensors."
+
+
+def _sampling(base: Base, first_id: int, model: Link, y: int) -> list[Node]:
+    """Sampling of the latent batch of node 4 with the prompts of nodes 2/3, sampler 5 and noise 6."""
     i = first_id
     return [
-        Node(i, "CFGGuider", {"model": model, "positive": Link(2), "negative": Link(3), "cfg": 4.5}, (2, y)),
+        Node(i, "CFGGuider", {"model": model, "positive": Link(2), "negative": Link(3), "cfg": base.cfg}, (2, y)),
         Node(
             i + 1,
             "BasicScheduler",
-            {"model": model, "scheduler": "simple", "steps": 28, "denoise": 1.0},
+            {"model": model, "scheduler": "simple", "steps": base.steps, "denoise": 1.0},
             (2, y + 170),
         ),
         Node(
             i + 2,
             "SamplerCustomAdvanced",
-            {
-                "noise": Link(seed_node),
-                "guider": Link(i),
-                "sampler": Link(5),
-                "sigmas": Link(i + 1),
-                "latent_image": Link(4),
-            },
+            {"noise": Link(6), "guider": Link(i), "sampler": Link(5), "sigmas": Link(i + 1), "latent_image": Link(4)},
             (3, y),
         ),
         Node(i + 3, "VAEDecode", {"samples": Link(i + 2), "vae": Link(1, 2)}, (4, y)),
     ]
 
 
-def _sd35_inputs(batch: int) -> list[Node]:
+def _inputs(base: Base, batch: int) -> list[Node]:
+    side = base.latent_side
     return [
-        Node(1, "CheckpointLoaderSimple", {"ckpt_name": "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors"}, (0, 0)),
-        Node(2, "CLIPTextEncode", {"text": PROMPT, "clip": Link(1, 1)}, (1, 0), "positive"),
-        Node(3, "CLIPTextEncode", {"text": NEGATIVE, "clip": Link(1, 1)}, (1, 220), "negative"),
-        Node(4, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": batch}, (0, 200)),
+        Node(1, base.loader, dict(base.loader_inputs), (0, 0)),
+        Node(2, "CLIPTextEncode", {"text": base.prompt, "clip": Link(1, 1)}, (1, 0), "positive"),
+        Node(3, "CLIPTextEncode", {"text": base.negative, "clip": Link(1, 1)}, (1, 220), "negative"),
+        Node(4, "EmptySD3LatentImage", {"width": side, "height": side, "batch_size": batch}, (0, 200)),
         Node(5, "KSamplerSelect", {"sampler_name": "euler"}, (0, 380)),
         Node(6, "RandomNoise", {"noise_seed": 7}, (0, 480)),
-        Node(7, "PECPerceptualEncoderLoader", {"model": "dinov2-small", "encoder_type": "auto"}, (0, 600)),
+        Node(7, "PECPerceptualEncoderLoader", {"model": base.encoder, "encoder_type": "auto"}, (0, 600)),
     ]
 
 
-def batch_diversity() -> Workflow:
+def batch_diversity(base: Base = SD35) -> Workflow:
     nodes = (
-        _sd35_inputs(8)
-        + _sd35_sampling(10, Link(1), 0, 6)
+        _inputs(base, 8)
+        + _sampling(base, 10, Link(1), 0)
         + [
             Node(20, "PECBatchDiversity", {"images": Link(13), "encoder": Link(7), "q": 1.0, "group_size": 0}, (5, 0)),
             Node(21, "PECSelectDiverse", {"images": Link(13), "encoder": Link(7), "k": 4, "q": 1.0}, (5, 810)),
@@ -366,7 +418,7 @@ def batch_diversity() -> Workflow:
                     "step": 4,
                     "method": "flow_sde",
                     "noise_level": 0.7,
-                    "repeats": 8,
+                    "repeats": base.repeats,
                     "decode": "noisy",
                 },
                 (3, 420),
@@ -374,32 +426,26 @@ def batch_diversity() -> Workflow:
         ]
     )
     return Workflow(
-        "pec_batch_diversity",
+        "pec_batch_diversity" + base.suffix,
         "Generate a batch, score its diversity, keep the 4 most diverse",
         nodes,
         [
-            "Put facebook/dinov2-small (config.json + weights) in models/pec_encoders/dinov2-small,",
-            "or connect a CLIP Vision Loader to the encoder loader's clip_vision input.",
+            *base.notes,
             "PEC Perceptual Entropy probes step 4: how far one Flow-SDE step moves the image perceptually.",
         ],
     )
 
 
-def lora_on_off() -> Workflow:
-    nodes = _sd35_inputs(8) + [
+def lora_on_off(base: Base = SD35) -> Workflow:
+    nodes = _inputs(base, 8) + [
         Node(
             8,
             "PECLoraLoaderModelOnly",
-            {
-                "model": Link(1),
-                "lora_name": "pec_sd35m_pickscore.safetensors",
-                "strength_model": 1.0,
-                "allow_mismatch": False,
-            },
+            {"model": Link(1), "lora_name": base.lora, "strength_model": 1.0, "allow_mismatch": False},
             (1, 420),
         ),
-        *_sd35_sampling(10, Link(1), 0, 6),
-        *_sd35_sampling(30, Link(8), 810, 6),
+        *_sampling(base, 10, Link(1), 0),
+        *_sampling(base, 30, Link(8), 810),
         Node(
             20,
             "PECBatchDiversity",
@@ -418,13 +464,66 @@ def lora_on_off() -> Workflow:
         Node(23, "PreviewImage", {"images": Link(33)}, (6, 810), "with PEC LoRA"),
     ]
     return Workflow(
-        "pec_lora_on_off",
+        "pec_lora_on_off" + base.suffix,
         "The same prompt and seeds with the LoRA off and on, both scored",
         nodes,
         [
+            *base.notes,
+            *([DEMO_LORA_NOTE] if base is EMBEDDED else []),
             "Both branches share prompt, seed and sampler: the only difference is the LoRA.",
             "Compare the two Vendi scores (higher = more distinct images among the 8).",
         ],
+    )
+
+
+def lora_sde_embedded() -> Workflow:
+    """The FLUX workflow's graph (PEC LoRA, PEC Flow SDE Sampler) on the embedded model, scored."""
+    nodes = _inputs(EMBEDDED, 4) + [
+        Node(
+            8,
+            "PECLoraLoaderModelOnly",
+            {"model": Link(1), "lora_name": EMBEDDED.lora, "strength_model": 1.0, "allow_mismatch": False},
+            (1, 420),
+        ),
+        Node(
+            9,
+            "PECFlowSDESampler",
+            {
+                "method": "flow_sde",
+                "noise_level": 0.7,
+                "window": "sigmas",
+                "window_start": 0,
+                "window_count": 2,
+                "sigma_high": 1.0,
+                "sigma_low": 0.5,
+            },
+            (1, 760),
+        ),
+        Node(
+            10, "CFGGuider", {"model": Link(8), "positive": Link(2), "negative": Link(3), "cfg": EMBEDDED.cfg}, (2, 0)
+        ),
+        Node(
+            11,
+            "BasicScheduler",
+            {"model": Link(8), "scheduler": "simple", "steps": EMBEDDED.steps, "denoise": 1.0},
+            (2, 170),
+        ),
+        Node(
+            12,
+            "SamplerCustomAdvanced",
+            {"noise": Link(6), "guider": Link(10), "sampler": Link(9), "sigmas": Link(11), "latent_image": Link(4)},
+            (3, 0),
+        ),
+        Node(13, "VAEDecode", {"samples": Link(12), "vae": Link(1, 2)}, (4, 0)),
+        Node(14, "SaveImage", {"images": Link(13), "filename_prefix": "PEC_embedded_sde"}, (5, 810)),
+        Node(15, "PreviewAny", {"source": Link(8, 1)}, (2, 420), "LoRA summary"),
+        Node(16, "PECBatchDiversity", {"images": Link(13), "encoder": Link(7), "q": 1.0, "group_size": 0}, (5, 0)),
+    ]
+    return Workflow(
+        "pec_lora_sde_embedded",
+        "Embedded model + PEC LoRA + PEC Flow SDE Sampler, scored (the FLUX workflow's graph on a CPU)",
+        nodes,
+        [*EMBEDDED.notes, DEMO_LORA_NOTE, "The SDE runs while sigma is between 0.5 and 1, Euler after."],
     )
 
 
@@ -451,87 +550,26 @@ def score_images_demo() -> Workflow:
     )
 
 
-WORKFLOWS = [flux_lora_sde, batch_diversity, lora_on_off, score_images_demo]
-
-
-# ----------------------------------------------------------------------------- pictures
-
-
-def draw(workflow: Workflow, path: Path) -> None:
-    """A PNG of the graph: nodes as boxes (PEC nodes highlighted) with their widget values, links as curves."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import FancyBboxPatch, PathPatch
-    from matplotlib.path import Path as CurvePath
-
-    ui = to_ui(workflow)
-    nodes = {n["id"]: n for n in ui["nodes"]}
-    right = max(n["pos"][0] + n["size"][0] for n in ui["nodes"]) + 40
-    bottom = max(n["pos"][1] + n["size"][1] for n in ui["nodes"]) + 40
-    fig, ax = plt.subplots(figsize=(right / 150, bottom / 150), dpi=90)
-    ax.set_xlim(-40, right)
-    ax.set_ylim(bottom, -60)
-    ax.axis("off")
-    ax.set_title(workflow.title, fontsize=11, loc="left")
-
-    def slot_y(node, index):
-        return node["pos"][1] + 34 + 22 * index
-
-    for _, src, src_slot, dst, dst_slot, _kind in ui["links"]:
-        a, b = nodes[src], nodes[dst]
-        x0, y0 = a["pos"][0] + a["size"][0], slot_y(a, src_slot)
-        x1, y1 = b["pos"][0], slot_y(b, dst_slot)
-        bend = max(60, (x1 - x0) / 2)
-        curve = CurvePath(
-            [(x0, y0), (x0 + bend, y0), (x1 - bend, y1), (x1, y1)],
-            [CurvePath.MOVETO, CurvePath.CURVE4, CurvePath.CURVE4, CurvePath.CURVE4],
-        )
-        ax.add_patch(PathPatch(curve, fill=False, lw=1.2, color="#7a8fa6", alpha=0.8))
-    for node in ui["nodes"]:
-        x, y = node["pos"]
-        w, h = node["size"]
-        pec = node["type"].startswith("PEC")
-        ax.add_patch(
-            FancyBboxPatch(
-                (x, y),
-                w,
-                h,
-                boxstyle="round,pad=0,rounding_size=8",
-                fc="#efe6ff" if pec else "#f2f2f2",
-                ec="#6b3fb3" if pec else "#888",
-                lw=1.2,
-            )
-        )
-        ax.text(x + 8, y + 16, node.get("title", node["type"]), fontsize=7.5, weight="bold", va="center")
-        for i, slot in enumerate(node["inputs"]):
-            ax.text(x + 8, slot_y(node, i), "• " + slot["name"], fontsize=6, va="center", color="#333")
-        for i, slot in enumerate(node["outputs"]):
-            ax.text(x + w - 8, slot_y(node, i), slot["name"] + " •", fontsize=6, va="center", ha="right", color="#333")
-        rows = max(len(node["inputs"]), len(node["outputs"]))
-        names = [n for n, t, _ in node_io(node["type"])[0] if is_widget(t)]
-        for i, (name, value) in enumerate(zip(names, (v for v in node["widgets_values"] if v != CONTROL_DEFAULT))):
-            text = f"{name}: {value}"
-            text = text if len(text) < 44 else text[:41] + "..."
-            ax.text(x + 8, y + 40 + 22 * rows + 26 * i, text, fontsize=6, va="center", color="#555", family="monospace")
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
+WORKFLOWS = [
+    flux_lora_sde,
+    lora_sde_embedded,
+    batch_diversity,
+    partial(batch_diversity, EMBEDDED),
+    lora_on_off,
+    partial(lora_on_off, EMBEDDED),
+    score_images_demo,
+]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pictures", action="store_true", help="also draw docs/workflow_<name>.png")
-    args = parser.parse_args()
+    parser.parse_args()
     folder = ROOT / "workflows"
     (folder / "api").mkdir(exist_ok=True)
     for make in WORKFLOWS:
         workflow = make()
         (folder / f"{workflow.name}.json").write_text(json.dumps(to_ui(workflow), indent=1) + "\n")
         (folder / "api" / f"{workflow.name}.json").write_text(json.dumps(to_api(workflow), indent=1) + "\n")
-        if args.pictures:
-            (ROOT / "docs").mkdir(exist_ok=True)
-            draw(workflow, ROOT / "docs" / f"workflow_{workflow.name}.png")
         print(workflow.name)
 
 
