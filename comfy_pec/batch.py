@@ -32,7 +32,7 @@ __all__ = [
 Images = torch.Tensor | Sequence[torch.Tensor]
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 
-ONE_IMAGE_NOTE = "one image: Vendi is 1 and the variance 0 by definition; score a batch of several images"
+ONE_IMAGE_NOTE = "one image: Vendi is 1 and the variances 0 by definition; score a batch of several images"
 
 
 def as_image_list(images: Images) -> list[torch.Tensor]:
@@ -61,12 +61,16 @@ def _mixed_sizes(batches: list[torch.Tensor], then: str) -> list[str]:
 
 
 @torch.no_grad()
-def embed_images(encoder: Encoder, images: Images, batch_size: int = 16) -> tuple[torch.Tensor, list[str]]:
+def embed_images(
+    encoder: Encoder, images: Images, batch_size: int = 16, raw: bool = False
+) -> tuple[torch.Tensor, list[str]]:
     """Features ``[N, D]`` float32 on the CPU of all images, in order, ``batch_size`` at a time, and notes
-    (mixed sizes). Each chunk goes through ``encoder`` at its own size (it resizes to its input)."""
+    (mixed sizes). Each chunk goes through ``encoder`` at its own size (it resizes to its input).
+    ``raw``: the encoder's un-normalised features (:meth:`PerceptualEncoder.features`) where it has them."""
     batches = as_image_list(images)
+    embed = encoder.features if raw and hasattr(encoder, "features") else encoder
     feats = [
-        encoder(batch[i : i + batch_size]).float().cpu() for batch in batches for i in range(0, len(batch), batch_size)
+        embed(batch[i : i + batch_size]).float().cpu() for batch in batches for i in range(0, len(batch), batch_size)
     ]
     return torch.cat(feats), _mixed_sizes(batches, "each is embedded at the encoder's input size")
 
@@ -94,13 +98,15 @@ class DiversityResult:
     """Diversity of N images (means over groups when scored per prompt group).
 
     ``vendi``: Vendi score of order q (cosine kernel); ``variance``: feature variance ``tr(Cov)`` of the
-    features as given (encoders L2-normalise by default); ``distance``: mean pairwise cosine distance;
-    ``per_group``: ``[(vendi, variance, distance)]`` per group; ``notes``: things the user should know.
+    raw (un-normalised) features, the paper's figure, in the encoder's units; ``variance_normalised``:
+    ``tr(Cov)`` of the L2-normalised features, scale-free (for unit vectors it equals the mean pairwise
+    cosine distance, ``1 - mean_{i≠j} cos``); ``per_group``: ``[(vendi, variance, variance_normalised)]``
+    per group; ``notes``: things the user should know.
     """
 
     vendi: float
     variance: float
-    distance: float
+    variance_normalised: float
     q: float
     count: int
     group_size: int
@@ -114,31 +120,32 @@ class DiversityResult:
         lines = [
             head,
             f"Vendi (q={self.q:g}): {self.vendi:.3f}" + (" (mean over groups)" if groups > 1 else ""),
-            f"feature variance: {self.variance:.4f}",
-            f"mean pairwise cosine distance: {self.distance:.4f}",
+            f"feature variance tr(Cov), raw features: {self.variance:.4g}",
+            f"feature variance, normalised features: {self.variance_normalised:.4f} (= mean cosine distance)",
         ]
         if groups > 1:
             lines += [
-                f"  group {i}: Vendi {v:.3f}  variance {var:.4f}  distance {d:.4f}"
-                for i, (v, var, d) in enumerate(self.per_group)
+                f"  group {i}: Vendi {v:.3f}  variance {var:.4g}  normalised {var_n:.4f}"
+                for i, (v, var, var_n) in enumerate(self.per_group)
             ]
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
 def diversity_of(features: torch.Tensor, q: float = 1.0, group_size: int = 0) -> DiversityResult:
-    """Vendi (``comfy_pec.diversity.vendi_score``), feature variance and mean pairwise distance of
-    ``features`` ``[N, D]``; with ``group_size`` G > 0 (N a multiple of G, e.g. G seeds per prompt, the
-    prompts one after another) each group is scored on its own and the figures are the group means."""
+    """Vendi (``comfy_pec.diversity.vendi_score``) and the feature variance of the raw and of the
+    L2-normalised ``features`` ``[N, D]`` (give raw features: ``embed_images(..., raw=True)``); with
+    ``group_size`` G > 0 (N a multiple of G, e.g. G seeds per prompt, the prompts one after another)
+    each group is scored on its own and the figures are the group means."""
     n = features.shape[0]
     size = group_size if group_size > 0 else n
     if n % size:
         raise PECError(f"{n} images do not split into groups of {group_size}: give a group size that divides {n}")
     sets = features.reshape(n // size, size, -1)
-    scores = torch.stack([vendi_score(sets, q), feature_variance(sets), mean_pairwise_distance(sets)], dim=1)
+    scores = torch.stack([vendi_score(sets, q), feature_variance(sets), feature_variance(sets, normalize=True)], 1)
     per_group = [tuple(float(v) for v in row) for row in scores]
-    vendi, variance, distance = (float(v) for v in scores.mean(0))
+    vendi, variance, normalised = (float(v) for v in scores.mean(0))
     notes = [ONE_IMAGE_NOTE] if size == 1 else []
-    return DiversityResult(vendi, variance, distance, q, n, size, per_group, notes)
+    return DiversityResult(vendi, variance, normalised, q, n, size, per_group, notes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,26 +178,55 @@ def _thumbnails(images: torch.Tensor, side: int) -> torch.Tensor:
     return out
 
 
+def _to_pil(rgb: torch.Tensor):
+    from PIL import Image
+
+    return Image.fromarray((rgb.clamp(0, 1) * 255).round().byte().numpy())
+
+
 def similarity_heatmap(features: torch.Tensor, images: torch.Tensor, max_side: int = 768) -> torch.Tensor:
-    """The cosine-similarity matrix of ``features`` ``[N, D]`` as an ``IMAGE`` ``[1, S, S, 3]``, with
-    thumbnails of ``images`` ``[N, H, W, 3]`` along the top and the left. Colours run from the
-    batch's least similar pair (dark blue) to identical (yellow); the diagonal is always yellow."""
+    """The cosine-similarity matrix of ``features`` ``[N, D]`` as an ``IMAGE`` ``[1, S, S + bar, 3]``:
+    thumbnails of ``images`` ``[N, H, W, 3]`` along the top and the left, each cell labelled with its
+    value when cells are large enough to read (N <= 24 at the default size), and a colour scale on the
+    right. Colours run from the batch's least similar pair (dark blue) to identical (yellow, the diagonal)."""
+    import numpy as np
+    from PIL import ImageDraw, ImageFont
+
     n = features.shape[0]
-    cell = max(4, min(64, max_side // (n + 1)))
+    cell = max(4, min(96, max_side // (n + 1)))
     x = F.normalize(features.float(), dim=-1)
-    sim = x @ x.T
-    low = float(sim.min()) if n > 1 else 0.0
-    colours = _colormap((sim - low) / max(1.0 - low, 1e-6))
-    grid = colours.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
+    sim = (x @ x.T).clamp(-1, 1)
+    low = min(float(sim.min()), 0.99) if n > 1 else 0.0
+    colours = _colormap((sim - low) / (1.0 - low))
     side = cell * (n + 1)
-    canvas = torch.ones(side, side, 3)
-    canvas[cell:, cell:] = grid
+    font = ImageFont.load_default(size=max(10, min(18, cell // 4)))
+    label_width = int(font.getlength("-0.00")) + 8
+    bar = 14 + 16 + label_width  # gap, the colour strip, its labels
+
+    canvas = torch.ones(side, side + bar, 3)
+    canvas[cell:, cell:side] = colours.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
     thumbs = _thumbnails(images, cell)
     for i in range(n):
         start = cell * (i + 1)
         canvas[:cell, start : start + cell] = thumbs[i]
         canvas[start : start + cell, :cell] = thumbs[i]
-    return canvas.unsqueeze(0)
+    ramp = torch.linspace(1.0, 0.0, side - cell)  # top = identical, bottom = the least similar pair
+    canvas[cell:, side + 14 : side + 30] = _colormap(ramp).unsqueeze(1)
+
+    picture = _to_pil(canvas)
+    draw = ImageDraw.Draw(picture)
+    if cell >= 4 * font.size // 2 + 8:  # room for "0.00" in a cell
+        for i in range(n):
+            for j in range(n):
+                dark = float(colours[i, j] @ torch.tensor([0.299, 0.587, 0.114])) < 0.5
+                centre = (cell * (j + 1) + cell / 2, cell * (i + 1) + cell / 2)
+                text = f"{float(sim[i, j]):.2f}"
+                draw.text(centre, text, fill="white" if dark else "black", font=font, anchor="mm")
+    for value, y in ((1.0, cell), ((1.0 + low) / 2, (cell + side) / 2), (low, side)):
+        y = min(max(y, cell + font.size / 2), side - font.size / 2)
+        draw.text((side + 34, y), f"{value:.2f}", fill="black", font=font, anchor="lm")
+    draw.text((side + 4, cell / 2), "cosine", fill="black", font=font, anchor="lm")
+    return torch.from_numpy(np.asarray(picture).copy()).float().div(255).unsqueeze(0)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -154,16 +154,22 @@ def _images(n: int, size=(32, 32), seed: int = 0) -> torch.Tensor:
     return torch.rand(n, *size, 3, generator=torch.Generator().manual_seed(seed))
 
 
-def test_vendi_of_the_node_is_vendi_score(toy_encoder):
+def test_vendi_of_the_node_is_vendi_score_and_both_variances_are_reported(toy_encoder):
     images = _images(6)
-    features, notes = embed_images(toy_encoder, images, batch_size=4)
+    features, notes = embed_images(toy_encoder, images, batch_size=4, raw=True)
     result = diversity_of(features)
-    reference = toy_encoder(images)
+    raw, normalised = toy_encoder.features(images), toy_encoder(images)
     assert notes == [] and result.count == 6
-    assert result.vendi == pytest.approx(float(vendi_score(reference)), rel=1e-5)
-    assert result.variance == pytest.approx(float(feature_variance(reference)), rel=1e-5)
-    assert result.distance == pytest.approx(float(mean_pairwise_distance(reference)), rel=1e-5)
-    assert f"Vendi (q=1): {result.vendi:.3f}" in result.report()
+    assert result.vendi == pytest.approx(float(vendi_score(normalised)), rel=1e-5)
+    # the paper's figure: tr(Cov) of the raw features, not of the unit vectors
+    assert result.variance == pytest.approx(float(feature_variance(raw)), rel=1e-5)
+    assert abs(result.variance - float(feature_variance(normalised))) > 1e-3
+    # for unit vectors tr(Cov) (unbiased) is the mean pairwise cosine distance: one output, not two
+    assert result.variance_normalised == pytest.approx(float(feature_variance(normalised)), rel=1e-5)
+    assert result.variance_normalised == pytest.approx(float(mean_pairwise_distance(normalised)), rel=1e-4)
+    report = result.report()
+    assert f"Vendi (q=1): {result.vendi:.3f}" in report and f"raw features: {result.variance:.4g}" in report
+    assert f"normalised features: {result.variance_normalised:.4f}" in report
 
 
 def test_group_scores_are_per_prompt_means():
@@ -180,7 +186,7 @@ def test_group_scores_are_per_prompt_means():
 def test_one_image_scores_one_with_a_note(toy_encoder):
     features, _ = embed_images(toy_encoder, _images(1))
     result = diversity_of(features)
-    assert result.vendi == 1.0 and result.variance == 0.0 and result.distance == 0.0
+    assert result.vendi == 1.0 and result.variance == 0.0 and result.variance_normalised == 0.0
     assert result.notes == [ONE_IMAGE_NOTE] and "note: one image" in result.report()
 
 
@@ -197,15 +203,23 @@ def test_mixed_sizes_are_embedded_as_they_are_and_resized_to_concatenate(toy_enc
         concat_images(torch.rand(2, 3, 8, 8))
 
 
-def test_heatmap_has_thumbnails_and_a_bright_diagonal():
+def test_heatmap_has_thumbnails_value_labels_and_a_colour_scale():
     images = _images(3, (20, 40))
-    heat = similarity_heatmap(torch.eye(3), images, max_side=200)
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    heat = similarity_heatmap(features, images, max_side=200)
     cell = 200 // 4
-    assert heat.shape == (1, 4 * cell, 4 * cell, 3)
-    diagonal = heat[0, cell + cell // 2, cell + cell // 2]
-    off = heat[0, cell + cell // 2, 2 * cell + cell // 2]
-    assert diagonal[0] > 0.9 and off[0] < 0.3  # yellow vs dark blue
+    side = 4 * cell
+    assert heat.shape[:3] == (1, side, side + heat.shape[2] - side) and heat.shape[2] > side + 30  # scale at right
+    corner = heat[0, cell + 4, cell + 4]  # a cell's corner: its colour, away from the label
+    off = heat[0, cell + 4, 2 * cell + 4]
+    assert corner[0] > 0.9 and off[0] < 0.3  # identical: yellow; the least similar pair: dark blue
     assert heat[0, :cell, cell : 2 * cell].std() > 0  # a thumbnail, not blank
+    label = heat[0, cell + cell // 2 - 6 : cell + cell // 2 + 6, cell + 8 : 2 * cell - 8]
+    assert label.std() > 0.1  # "1.00" written on the diagonal cell
+    strip = heat[0, cell:, side + 20]  # the colour strip: yellow at the top, dark blue at the bottom
+    assert strip[0, 0] > 0.9 and strip[-1, 0] < 0.3 and strip[-1, 2] > strip[-1, 0]
+    legend = heat[0, cell:, side + 34 :]
+    assert (legend < 0.5).any()  # the scale's value labels
 
 
 def test_probe_entropy_is_the_library_estimator():
@@ -335,11 +349,19 @@ def test_v1_fallback_runs_a_list_input_node(toy_encoder):
     assert node.RETURN_TYPES == ("IMAGE", "STRING", "FLOAT") and node.INPUT_IS_LIST
     images = _images(5)
     images[3] = images[0]  # a duplicate is never picked while distinct images remain
-    picked, indices, vendi = node().run(images=[images[:2], images[2:]], encoder=[toy_encoder], k=[3], q=[1.0])
+    out = node().run(images=[images[:2], images[2:]], encoder=[toy_encoder], k=[3], q=[1.0])
+    picked, indices, vendi = out["result"]
+    assert out["ui"]["text"][0].startswith(f"kept 3 of 5: images {indices}")  # shown in the node
     assert picked.shape == (3, 32, 32, 3) and len(indices.split(",")) == 3
     assert not {"0", "3"} <= set(indices.split(","))
     assert vendi == pytest.approx(float(vendi_score(toy_encoder(picked))), rel=1e-4)
     assert names["PECSelectDiverse"] == "PEC Select Diverse"
+    too_many = node().run(images=[images], encoder=[toy_encoder], k=[9], q=[1.0])
+    assert "note: asked for 9 of 5 images: keeping all 5" in too_many["ui"]["text"][0]
+
+
+def test_every_input_and_output_has_a_tooltip():
+    assert [(s.node_id, i.name) for s in SPECS for i in [*s.inputs, *s.outputs] if not i.tooltip] == []
 
 
 HEAVY = ("diffusers", "peft", "transformers", "trainer", "open_clip", "comfy", "comfy_api", "folder_paths", "torch")

@@ -7,11 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import pytest
 import safetensors.torch
 import tiny_models as tm
 import torch
+from comfy_server import comfyui_server, run_prompt
 
 from comfy_pec.diversity import vendi_score
 from comfy_pec.flow_sampler import noise_generator
@@ -36,6 +35,7 @@ PEC_IDS = [
     "PECBatchDiversity",
     "PECSelectDiverse",
     "PECPerceptualEntropy",
+    "PECEmbeddedModelLoader",
 ]
 
 
@@ -292,45 +292,112 @@ def test_perceptual_entropy_node_probes_one_step(comfy, sd3, encoder):
     assert again[0] != entropy
 
 
+# ----------------------------------------------------------------------------- the embedded model
+
+
+@pytest.fixture(scope="module")
+def embedded(comfy):
+    """MODEL, CLIP, VAE from PEC Embedded Model Loader."""
+    return run(comfy, "PECEmbeddedModelLoader")
+
+
+def write_demo_lora(path: Path) -> Path:
+    """A LoRA on the embedded transformer written by the trainer's writer (what `pec demo` saves), with
+    random B so that it visibly changes images."""
+    from diffusers import SD3Transformer2DModel
+
+    from comfy_pec.nodes.embedded import embedded_folder
+
+    transformer = SD3Transformer2DModel.from_pretrained(str(embedded_folder() / "transformer"))
+    tm.add_random_lora(transformer, r=4, alpha=4, seed=3)
+    save_lora(transformer, path, dtype=torch.float32, architecture="sd3", base_model="embedded")
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo_lora(comfy):
+    return write_demo_lora(comfy[3] / "loras" / "pec_demo.safetensors")
+
+
+def _pec_sample(lora=None, seed=0):
+    """What `pec sample [--lora]` draws for one prompt and seed (ODE), as an IMAGE [1, 64, 64, 3]."""
+    from trainer.backends import EMBEDDED_MODEL, load_backend
+    from trainer.sampling import sample_images
+
+    backend = load_backend(EMBEDDED_MODEL)
+    if lora is not None:
+        backend.load_lora(str(lora))
+    images = sample_images(backend, ["a red circle"], [seed], sde="flow_sde", noise_level=0.0, progress=False)
+    return images.movedim(1, -1)
+
+
+def _comfy_sample(comfy, embedded, model=None, sampler="euler", seed=0):
+    """KSampler-style sampling (10 steps, simple schedule, CFG 3, 128x128 SD3 latent) and VAEDecode."""
+    nodes = comfy[1]
+    model = embedded[0] if model is None else model
+    encode = nodes.CLIPTextEncode()
+    positive, negative = encode.encode(embedded[1], "a red circle")[0], encode.encode(embedded[1], "")[0]
+    latent = {"samples": torch.zeros(1, 16, 16, 16)}
+    if sampler == "euler":
+        out = nodes.common_ksampler(model, seed, 10, 3.0, "euler", "simple", positive, negative, latent)[0]
+    else:
+        sigmas = comfy[0].samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 10)
+        noise = comfy[0].sample.prepare_noise(latent["samples"], seed)
+        samples = comfy[0].sample.sample_custom(
+            model, noise, 3.0, sampler, sigmas, positive, negative, latent["samples"], seed=seed, disable_pbar=True
+        )
+        out = {"samples": samples}
+    return nodes.VAEDecode().decode(embedded[2], out)[0]
+
+
+# Same float32 arithmetic in another order (ComfyUI's fused qkv and attention vs diffusers' separate
+# projections): 3e-6 measured on [0, 1] pixels; 1e-4 leaves margin and is 40x below one 8-bit level.
+PIXEL_TOLERANCE = 1e-4
+
+
+def test_embedded_model_is_comfyuis_sd3_and_reproduces_pec_sample(comfy, embedded):
+    model, clip, vae = embedded
+    assert type(model.model).__name__ == "SD3" and model.get_model_object("model_sampling").shift == 1.0
+    image = _comfy_sample(comfy, embedded)
+    assert image.shape == (1, 64, 64, 3)
+    assert (image - _pec_sample()).abs().max() <= PIXEL_TOLERANCE
+
+
+def test_demo_lora_through_stock_and_pec_loaders_reproduces_pec_sample_lora(comfy, embedded, demo_lora):
+    reference = _pec_sample(demo_lora)
+    assert (reference - _pec_sample()).abs().max() > 0.05  # the LoRA changes the image
+    stock = comfy[1].LoraLoaderModelOnly().load_lora_model_only(embedded[0], demo_lora.name, 1.0)[0]
+    pec, summary = run(
+        comfy,
+        "PECLoraLoaderModelOnly",
+        model=embedded[0],
+        lora_name=demo_lora.name,
+        strength_model=1.0,
+        allow_mismatch=False,
+    )
+    assert "modules matched" in summary and " 0 of" not in summary
+    for patched in (stock, pec):
+        assert (_comfy_sample(comfy, embedded, patched) - reference).abs().max() <= PIXEL_TOLERANCE
+
+
+def test_pec_sampler_at_noise_zero_is_euler_and_a_seed_repeats_on_the_embedded_model(comfy, embedded):
+    euler = _comfy_sample(comfy, embedded)
+    ode = _comfy_sample(comfy, embedded, sampler=pec_sampler(comfy, 0.0))
+    assert (ode - euler).abs().max() <= 1e-5
+    sde = [_comfy_sample(comfy, embedded, sampler=pec_sampler(comfy, 0.7), seed=4) for _ in range(2)]
+    assert torch.equal(sde[0], sde[1]) and (sde[0] - euler).abs().max() > 0.01
+
+
 # ----------------------------------------------------------------------------- headless server
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _get(url: str):
-    with urllib.request.urlopen(url, timeout=30) as response:
-        return json.loads(response.read())
-
-
-def _run_prompt(url: str, prompt: dict, deadline: float) -> dict:
-    """POST an API-format workflow and poll /history until it finishes; returns its history entry."""
-    body = json.dumps({"prompt": prompt, "client_id": "pec-test"}).encode()
-    request = urllib.request.Request(f"{url}/prompt", data=body, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        prompt_id = json.loads(response.read())["prompt_id"]
-    while time.monotonic() < deadline:
-        entry = _get(f"{url}/history/{prompt_id}").get(prompt_id)
-        if entry and entry["status"]["completed"] or entry and entry["status"]["status_str"] == "error":
-            return entry
-        time.sleep(0.5)
-    raise TimeoutError(f"prompt {prompt_id} did not finish")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """ComfyUI's main.py on the CPU on a free port, with a temp base directory holding the pack (linked
-    into custom_nodes), a tiny SD3 diffusion model and two LoRA files; stopped (process group) after."""
+    """ComfyUI's main.py on the CPU (tests/comfy_server.py), with a temp base directory holding the pack,
+    a tiny SD3 diffusion model and three LoRA files (one not a LoRA)."""
     base = tmp_path_factory.mktemp("headless")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / "ComfyUI-PEC").symlink_to(REPO, target_is_directory=True)
     (base / "models" / "diffusion_models").mkdir(parents=True)
     (base / "models" / "loras").mkdir()
-    (base / "frontend").mkdir()
-    (base / "frontend" / "index.html").write_text("<html></html>")
     state = {k: v.contiguous() for k, v in tm.tiny_sd3_transformer().state_dict().items()}
     safetensors.torch.save_file(state, str(base / "models" / "diffusion_models" / "tiny_sd3.safetensors"))
     gen = torch.Generator().manual_seed(1)
@@ -340,52 +407,9 @@ def server(tmp_path_factory):
     }
     save_lora(lora, base / "models" / "loras" / "tiny.safetensors", alpha=2, dtype=torch.float32, architecture="sd3")
     (base / "models" / "loras" / "notes.safetensors").write_text("this is not a LoRA")
-    port = _free_port()
-    log = open(base / "comfyui.log", "wb")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "main.py",
-            "--cpu",
-            "--listen",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--base-directory",
-            str(base),
-            "--front-end-root",
-            str(base / "frontend"),
-            "--disable-auto-launch",
-            "--disable-api-nodes",
-        ],
-        cwd=os.environ["COMFYUI_PATH"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 900  # start-up imports torch and every core node: minutes on a busy CPU
-        while True:
-            try:
-                info = _get(f"{url}/object_info")
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        "ComfyUI did not start:\n" + (base / "comfyui.log").read_text()[-3000:]
-                    ) from None
-                time.sleep(1)
-        yield url, info
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
+    write_demo_lora(base / "models" / "loras" / "pec_demo.safetensors")
+    with comfyui_server(base, real_frontend=False) as running:
+        yield running
 
 
 @pytest.mark.slow
@@ -396,7 +420,7 @@ def test_headless_comfyui_lists_the_nodes_and_runs_the_workflows(server):
     deadline = time.monotonic() + 600
 
     demo = json.loads((REPO / "workflows" / "api" / "pec_score_images_demo.json").read_text())
-    entry = _run_prompt(url, demo, deadline)
+    entry = run_prompt(url, demo, deadline)
     assert entry["status"]["status_str"] == "success", entry["status"]
     report = entry["outputs"]["9"]["text"][0]
     assert "4 images" in report and "Vendi (q=1)" in report and entry["outputs"]["9"]["images"]
@@ -415,12 +439,63 @@ def test_headless_comfyui_lists_the_nodes_and_runs_the_workflows(server):
         },
         "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 1]}},
     }
-    entry = _run_prompt(url, lora_graph, deadline)
+    entry = run_prompt(url, lora_graph, deadline)
     assert entry["status"]["status_str"] == "success", entry["status"]
     assert "1 of 1 modules matched" in entry["outputs"]["3"]["text"][0]
 
     lora_graph["2"]["inputs"]["lora_name"] = "notes.safetensors"
-    entry = _run_prompt(url, lora_graph, deadline)
+    entry = run_prompt(url, lora_graph, deadline)
     errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
     assert entry["status"]["status_str"] == "error" and errors
     assert errors[0]["node_id"] == "2" and "not a safetensors file" in errors[0]["exception_message"]
+
+
+EMBEDDED_WORKFLOWS = sorted(p.stem for p in (REPO / "workflows" / "api").glob("*.json") if "embedded" in p.stem)
+WEIGHT_INPUTS = {"ckpt_name", "unet_name", "clip_name1", "clip_name2", "vae_name", "lora_name", "model"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EMBEDDED_WORKFLOWS)
+def test_every_embedded_workflow_runs_through_the_server(server, name):
+    url, _ = server
+    prompt = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
+    start = time.monotonic()
+    entry = run_prompt(url, prompt, start + 600)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    print(f"{name}: {time.monotonic() - start:.1f} s")
+    outputs = entry["outputs"]
+    for node_id, node in prompt.items():
+        if node["class_type"] == "PECBatchDiversity":
+            report = outputs[node_id]["text"][0]
+            assert "Vendi (q=1)" in report and "raw features" in report and "normalised features" in report
+            assert outputs[node_id]["images"]  # the heatmap
+        if node["class_type"] in ("SaveImage", "PreviewImage"):
+            assert outputs[node_id]["images"]
+        if node["class_type"] == "PECPerceptualEntropy":
+            assert "perceptual entropy H_A" in outputs[node_id]["text"][0]
+        if node["class_type"] == "PreviewAny":
+            assert "modules matched" in outputs[node_id]["text"][0]
+
+
+def test_workflows_for_large_models_fail_only_on_missing_weight_files(server):
+    url, _ = server
+    for path in sorted((REPO / "workflows" / "api").glob("*.json")):
+        if "embedded" in path.stem or path.stem == "pec_score_images_demo":
+            continue
+        body = json.dumps({"prompt": json.loads(path.read_text())}).encode()
+        request = urllib.request.Request(f"{url}/prompt", data=body, headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        errors = json.loads(refused.value.read())["node_errors"]
+        found = [(e["type"], e["extra_info"]["input_name"]) for node in errors.values() for e in node["errors"]]
+        assert found and all(kind == "value_not_in_list" and name in WEIGHT_INPUTS for kind, name in found), found
+
+
+def test_ui_workflows_map_to_the_api_files_with_the_servers_node_definitions(server):
+    from comfy_frontend import api_without_meta, frontend_prompt
+
+    _, info = server
+    for path in sorted((REPO / "workflows").glob("*.json")):
+        ui = json.loads(path.read_text())
+        api = json.loads((REPO / "workflows" / "api" / path.name).read_text())
+        assert frontend_prompt(ui, info) == api_without_meta(api), path.name

@@ -85,6 +85,12 @@ _ALLOW = In(
 _SUMMARY = Out("summary", "STRING", "method, β, base model, usage hint, matched/unmatched keys")
 
 
+def _embedded_model():
+    from .embedded import load_embedded
+
+    return NodeResult(load_embedded())
+
+
 # ----------------------------------------------------------------------------- Flow SDE sampler
 
 
@@ -204,12 +210,13 @@ def _encoder_loader(model, encoder_type, clip_vision=None):
 def _batch_diversity(images, encoder, q, group_size):
     from ..batch import concat_images, diversity_of, embed_images, similarity_heatmap
 
-    features, notes = embed_images(encoder, images)
+    features, notes = embed_images(encoder, images, raw=True)
     result = diversity_of(features, q, group_size)
     result.notes += notes
     heatmap = similarity_heatmap(features, concat_images(images)[0])
     report = result.report()
-    return NodeResult((result.vendi, result.variance, result.distance, report, heatmap), preview=heatmap, text=report)
+    outputs = (result.vendi, result.variance, result.variance_normalised, report, heatmap)
+    return NodeResult(outputs, preview=heatmap, text=report)
 
 
 def _select_diverse(images, encoder, k, q):
@@ -224,7 +231,12 @@ def _select_diverse(images, encoder, k, q):
     for note in notes:
         log.warning("PEC Select Diverse: %s", note)
     indices = ",".join(str(int(i)) for i in chosen)
-    return NodeResult((batch[chosen.to(batch.device)], indices, float(vendi_score(features[chosen], q))))
+    vendi = float(vendi_score(features[chosen], q))
+    report = "\n".join(
+        [f"kept {len(chosen)} of {len(batch)}: images {indices}", f"Vendi (q={q:g}) of the kept images: {vendi:.3f}"]
+        + [f"note: {n}" for n in notes]
+    )
+    return NodeResult((batch[chosen.to(batch.device)], indices, vendi), text=report)
 
 
 _ENCODER_IN = In("encoder", "PEC_ENCODER", "from PEC Perceptual Encoder Loader")
@@ -299,8 +311,8 @@ SPECS = [
         "Apply a PEC LoRA to MODEL and CLIP after checking that it fits the model; the summary shows how it "
         "was trained and how many of its modules matched.",
         [
-            In("model", "MODEL"),
-            In("clip", "CLIP"),
+            In("model", "MODEL", "the diffusion model the LoRA was trained on (FLUX, SD3.5, ...)"),
+            In("clip", "CLIP", "the text encoders (passed through: PEC LoRAs train none)"),
             *_LORA_INPUTS,
             In(
                 "strength_clip",
@@ -313,7 +325,7 @@ SPECS = [
             ),
             _ALLOW,
         ],
-        [Out("MODEL", "MODEL"), Out("CLIP", "CLIP"), _SUMMARY],
+        [Out("MODEL", "MODEL", "the model with the LoRA applied"), Out("CLIP", "CLIP", "the text encoders"), _SUMMARY],
         _lora_loader,
     ),
     NodeSpec(
@@ -321,9 +333,26 @@ SPECS = [
         "PEC LoRA Loader (model only)",
         "PEC/loaders",
         "Apply a PEC LoRA to MODEL after checking that it fits the model.",
-        [In("model", "MODEL"), *_LORA_INPUTS, _ALLOW],
-        [Out("MODEL", "MODEL"), _SUMMARY],
+        [In("model", "MODEL", "the diffusion model the LoRA was trained on (FLUX, SD3.5, ...)"), *_LORA_INPUTS, _ALLOW],
+        [Out("MODEL", "MODEL", "the model with the LoRA applied"), _SUMMARY],
         _lora_loader_model_only,
+    ),
+    NodeSpec(
+        "PECEmbeddedModelLoader",
+        "PEC Embedded Model Loader",
+        "PEC/loaders",
+        "The tiny SD3-type model that ships with PEC (64 px images of coloured shapes, seconds on a CPU): "
+        "try the sampler, a `pec demo` LoRA and the diversity nodes without downloading weights. MODEL is "
+        "ComfyUI's own SD3 model (stock samplers and LoRA loaders work); CLIP and VAE wrap the tiny diffusers "
+        "components. Latent nodes assume 8x downscaling, this VAE has 4: a 128x128 EmptySD3LatentImage gives "
+        "64x64 images.",
+        [],
+        [
+            Out("MODEL", "MODEL", "ComfyUI's SD3 model class with the embedded weights (shift 1.0)"),
+            Out("CLIP", "CLIP", "the two tiny CLIP text encoders (for CLIPTextEncode)"),
+            Out("VAE", "VAE", "the tiny 16-channel VAE (for VAEDecode / VAEEncode)"),
+        ],
+        _embedded_model,
     ),
     NodeSpec(
         "PECFlowSDESampler",
@@ -362,7 +391,7 @@ SPECS = [
                 step=0.01,
             ),
         ],
-        [Out("SAMPLER", "SAMPLER")],
+        [Out("SAMPLER", "SAMPLER", "for SamplerCustom / SamplerCustomAdvanced (flow models only)")],
         _flow_sampler,
     ),
     NodeSpec(
@@ -388,17 +417,18 @@ SPECS = [
             ),
             In("clip_vision", "CLIP_VISION", "when connected, used instead of the folder", optional=True),
         ],
-        [Out("PEC_ENCODER", "PEC_ENCODER")],
+        [Out("PEC_ENCODER", "PEC_ENCODER", "for PEC Batch Diversity, PEC Select Diverse, PEC Perceptual Entropy")],
         _encoder_loader,
     ),
     NodeSpec(
         "PECBatchDiversity",
         "PEC Batch Diversity",
         "PEC/diversity",
-        "How diverse is a batch? Vendi score, feature variance and mean pairwise distance in the encoder's "
-        "space (per prompt group with group_size > 0), and a similarity heatmap with thumbnails.",
+        "How diverse is a batch? Vendi score and feature variance (of the raw and of the normalised features) in "
+        "the encoder's space, per prompt group with group_size > 0; the report and a cosine-similarity heatmap "
+        "with a colour scale are shown in the node.",
         [
-            In("images", "IMAGE"),
+            In("images", "IMAGE", "the batch to score (several batches from a list are scored together)"),
             _ENCODER_IN,
             _Q,
             In(
@@ -411,11 +441,15 @@ SPECS = [
             ),
         ],
         [
-            Out("vendi", "FLOAT"),
-            Out("feature_variance", "FLOAT"),
-            Out("mean_distance", "FLOAT"),
-            Out("report", "STRING"),
-            Out("heatmap", "IMAGE"),
+            Out("vendi", "FLOAT", "effective number of distinct images (1 = all alike, N = all different)"),
+            Out("feature_variance", "FLOAT", "tr(Cov) of the raw encoder features (the paper's; in encoder units)"),
+            Out(
+                "feature_variance_normalised",
+                "FLOAT",
+                "tr(Cov) of the L2-normalised features, scale-free (= mean pairwise cosine distance)",
+            ),
+            Out("report", "STRING", "the figures and notes shown in the node"),
+            Out("heatmap", "IMAGE", "cosine similarity of every pair, with thumbnails and a colour scale"),
         ],
         _batch_diversity,
         output_node=True,
@@ -426,9 +460,21 @@ SPECS = [
         "PEC Select Diverse",
         "PEC/diversity",
         "Keep the k images whose set has the highest Vendi score (greedy).",
-        [In("images", "IMAGE"), _ENCODER_IN, In("k", "INT", "how many images to keep", default=4, min=1, max=4096), _Q],
         [
-            Out("images", "IMAGE"),
+            In("images", "IMAGE", "the batch to choose from (batches of other sizes are resized to the first)"),
+            _ENCODER_IN,
+            In(
+                "k",
+                "INT",
+                "how many images to keep (all of them when the batch is smaller)",
+                default=4,
+                min=1,
+                max=4096,
+            ),
+            _Q,
+        ],
+        [
+            Out("images", "IMAGE", "the kept images, in selection order"),
             Out("indices", "STRING", "positions in the input batch, in selection order"),
             Out("vendi", "FLOAT", "Vendi score of the kept images"),
         ],
@@ -442,11 +488,19 @@ SPECS = [
         "Perceptual entropy of one sampling step (docs/design.md §5): Euler up to `step`, then that Flow-SDE/CPS step "
         "`repeats` times from the same state; the draws (and the step mean) are decoded and embedded.",
         [
-            In("guider", "GUIDER"),
-            In("sigmas", "SIGMAS"),
-            In("latent_image", "LATENT"),
-            In("noise_seed", "INT", "initial noise and step noise", default=0, min=0, max=0xFFFFFFFFFFFFFFFF),
-            In("vae", "VAE"),
+            In("guider", "GUIDER", "model and conditioning (BasicGuider / CFGGuider)"),
+            In("sigmas", "SIGMAS", "the sampling schedule (BasicScheduler)"),
+            In("latent_image", "LATENT", "the starting latent batch (its size is the number of states)"),
+            In(
+                "noise_seed",
+                "INT",
+                "initial noise and step noise",
+                default=0,
+                min=0,
+                max=0xFFFFFFFFFFFFFFFF,
+                control_after_generate=True,
+            ),
+            In("vae", "VAE", "decodes the draws for the encoder"),
             _ENCODER_IN,
             In("step", "INT", "the step to probe (0 = the noisiest)", default=2, min=0, max=10000),
             *_SDE_INPUTS,
@@ -460,11 +514,11 @@ SPECS = [
             ),
         ],
         [
-            Out("perceptual_entropy", "FLOAT"),
-            Out("energy", "FLOAT"),
-            Out("vendi", "FLOAT"),
-            Out("report", "STRING"),
-            Out("draws", "IMAGE"),
+            Out("perceptual_entropy", "FLOAT", "H_A: mean perceptual entropy of the step's draws"),
+            Out("energy", "FLOAT", "mean residual energy ||g(x') - g(mu)||^2 / (2 std^2)"),
+            Out("vendi", "FLOAT", "mean Vendi score of each state's draws (distinct outcomes of one step)"),
+            Out("report", "STRING", "the figures shown in the node"),
+            Out("draws", "IMAGE", "the decoded draws"),
         ],
         _perceptual_entropy,
         output_node=True,

@@ -1,25 +1,38 @@
-"""Turn :class:`~comfy_pec.nodes.spec.NodeSpec` descriptions into ComfyUI node classes: V3
-(``comfy_api.latest``) when that API is importable, V1 (``INPUT_TYPES`` / ``RETURN_TYPES``) otherwise.
-ComfyUI modules are imported only inside these functions."""
+"""Turn :class:`~comfy_pec.nodes.spec.NodeSpec` descriptions into ComfyUI node classes: V3 (the first
+importable module of :data:`V3_MODULES`) when ComfyUI offers that API, V1 (``INPUT_TYPES`` /
+``RETURN_TYPES``) otherwise. ComfyUI modules are imported only inside these functions."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import random
 import string
 
 from .spec import WIDGET_TYPES, In, NodeResult, NodeSpec
 
-__all__ = ["build_nodes", "has_v3_api"]
+__all__ = ["V3_MODULES", "build_nodes", "has_v3_api", "v3_api"]
+
+#: the V3 node APIs, in order of preference. ``v0_0_2`` is a frozen version (ComfyUI 0.3.6x to 0.8.x
+#: ship it; 0.8.0 has no later one), so a ComfyUI update cannot change the schema under the nodes;
+#: ``latest`` serves a ComfyUI that has dropped it. Without either the nodes are V1 classes.
+V3_MODULES = ("comfy_api.v0_0_2", "comfy_api.latest")
+
+
+def v3_api() -> tuple | None:
+    """``(io, ui)`` of the first importable module of :data:`V3_MODULES`, or None (V1 only)."""
+    for name in V3_MODULES:
+        try:
+            module = importlib.import_module(name)
+            return module.io, module.ui
+        except (ImportError, AttributeError):
+            continue
+    return None
 
 
 def has_v3_api() -> bool:
-    """Whether this ComfyUI offers the V3 node schema (``comfy_api.latest``)."""
-    try:
-        from comfy_api.latest import io  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether this ComfyUI offers a V3 node schema (see :data:`V3_MODULES`)."""
+    return v3_api() is not None
 
 
 def _call(spec: NodeSpec, kwargs: dict) -> NodeResult:
@@ -34,7 +47,14 @@ def _call(spec: NodeSpec, kwargs: dict) -> NodeResult:
 
 
 def _widget_options(i: In) -> dict:
-    values = {"default": i.default, "min": i.min, "max": i.max, "step": i.step, "tooltip": i.tooltip or None}
+    values = {
+        "default": i.default,
+        "min": i.min,
+        "max": i.max,
+        "step": i.step,
+        "tooltip": i.tooltip or None,
+        "control_after_generate": i.control_after_generate,
+    }
     if i.type == "STRING" and i.multiline:
         values["multiline"] = True
     return {k: v for k, v in values.items() if v is not None}
@@ -46,7 +66,8 @@ def _widget_options(i: In) -> dict:
 def _v3_input(io, i: In):
     common = dict(optional=i.optional, tooltip=i.tooltip or None)
     if i.type == "COMBO":
-        return io.Combo.Input(i.name, options=i.option_list(), default=i.default, **common)
+        extra = {} if i.control_after_generate is None else {"control_after_generate": i.control_after_generate}
+        return io.Combo.Input(i.name, options=i.option_list(), default=i.default, **extra, **common)
     if i.type not in WIDGET_TYPES:
         return io.Custom(i.type).Input(i.name, **common)
     kind = {"INT": io.Int, "FLOAT": io.Float, "BOOLEAN": io.Boolean, "STRING": io.String}[i.type]
@@ -54,9 +75,7 @@ def _v3_input(io, i: In):
     return kind.Input(i.name, **options, **common)
 
 
-def _v3_node(spec: NodeSpec):
-    from comfy_api.latest import io, ui
-
+def _v3_node(spec: NodeSpec, io, ui):
     class Node(io.ComfyNode):
         @classmethod
         def define_schema(cls):
@@ -80,7 +99,7 @@ def _v3_node(spec: NodeSpec):
             if result.preview is not None:
                 shown.update(ui.PreviewImage(result.preview, cls=cls).as_dict())
             if result.text is not None:
-                shown["text"] = (result.text,)
+                shown.update(ui.PreviewText(result.text).as_dict())
             return io.NodeOutput(*result.outputs, ui=shown or None)
 
     Node.__name__ = Node.__qualname__ = spec.node_id
@@ -92,7 +111,8 @@ def _v3_node(spec: NodeSpec):
 
 def _v1_input(i: In) -> tuple:
     if i.type == "COMBO":
-        return (i.option_list(), {k: v for k, v in (("default", i.default), ("tooltip", i.tooltip)) if v})
+        options = (("default", i.default), ("tooltip", i.tooltip), ("control_after_generate", i.control_after_generate))
+        return (i.option_list(), {k: v for k, v in options if v is not None and v != ""})
     return (i.type, _widget_options(i) if i.type in WIDGET_TYPES else ({"tooltip": i.tooltip} if i.tooltip else {}))
 
 
@@ -126,7 +146,7 @@ def _v1_node(spec: NodeSpec):
         if result.preview is not None:
             shown["images"] = _save_preview(result.preview)
         if result.text is not None:
-            shown["text"] = (result.text,)
+            shown["text"] = [result.text]
         return {"ui": shown, "result": tuple(result.outputs)} if shown else tuple(result.outputs)
 
     return type(
@@ -148,8 +168,12 @@ def _v1_node(spec: NodeSpec):
 
 def build_nodes(specs: list[NodeSpec], v3: bool | None = None) -> tuple[dict, dict]:
     """``(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS)`` for ``specs``; ``v3=None`` picks V3 when
-    ComfyUI offers it."""
-    use_v3 = has_v3_api() if v3 is None else v3
-    make = _v3_node if use_v3 else _v1_node
-    classes = {spec.node_id: make(spec) for spec in specs}
+    ComfyUI offers it, ``v3=False`` forces V1 classes."""
+    api = v3_api() if v3 is not False else None
+    if v3 and api is None:
+        raise ImportError(f"V3 nodes asked for, but none of {', '.join(V3_MODULES)} is importable")
+    if api is None:
+        classes = {spec.node_id: _v1_node(spec) for spec in specs}
+    else:
+        classes = {spec.node_id: _v3_node(spec, *api) for spec in specs}
     return classes, {spec.node_id: spec.display_name for spec in specs}

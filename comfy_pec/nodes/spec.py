@@ -29,6 +29,9 @@ class In:
     options: Sequence[str] | Callable[[], Sequence[str]] | None = None
     optional: bool = False
     multiline: bool = False
+    #: INT/COMBO: the front end adds a "control after generate" widget (fixed/increment/randomize) after
+    #: this one; None leaves it to the front end, which adds one to INT inputs named seed/noise_seed.
+    control_after_generate: bool | None = None
 
     def option_list(self) -> list[str]:
         return list(self.options() if callable(self.options) else self.options or [])
