@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import PECError
-from .diversity import feature_variance, mean_pairwise_distance, vendi_score
+from .diversity import feature_variance, vendi_score
 from .perceptual import perceptual_energy, perceptual_entropy
 
 __all__ = [

@@ -472,7 +472,7 @@ def qwen_tokenizer(vocab_size: int = 512):
     # vocabulary so that, as with the real tokenizer, the template is short and the prompt survives.
     template = "system user assistant Describe the image by detailing the color, shape, size, texture, quantity, "
     template += "text, spatial relationships of the objects and background:"
-    tok.train_from_iterator([" ".join(_words()), template], trainer)
+    tok.train_from_iterator([" ".join(VOCABULARY), template], trainer)
     return Qwen2TokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
