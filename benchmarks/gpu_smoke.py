@@ -73,7 +73,7 @@ def save_reward_models(folder: Path, tiny: bool) -> tuple[Path, Path]:
     from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model
 
     from trainer.backends.random_init import clip_tokenizer
-    from trainer.toy.model import write_tokenizer_files
+    from trainer.world.vocabulary import write_tokenizer_files
 
     spec, dino = (TINY_PICKSCORE, TINY_DINOV2) if tiny else (PICKSCORE, DINOV2)
     tokenizer = clip_tokenizer(77)

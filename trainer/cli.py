@@ -121,9 +121,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    import time
+
     from trainer.config import load_config
 
-    return _run_training(load_config("demo", None, args.set), resume=not args.fresh)
+    if args.single:
+        return _run_training(load_config("demo", None, args.set), resume=not args.fresh)
+    from trainer.demo import run_demo
+
+    start = time.perf_counter()
+    report = run_demo(args.set, resume=not args.fresh)
+    print(f"done in {(time.perf_counter() - start) / 60:.1f} min (wall time)")
+    print(f"  report: {report}  (base / Flow-GRPO / PEC side by side, probe curves, table)")
+    print(f"  LoRAs:  {report.parent / 'flow-grpo' / 'lora.safetensors'}, {report.parent / 'pec' / 'lora.safetensors'}")
+    print(f'  try it: pec sample --lora {report.parent / "pec" / "lora.safetensors"} --prompt "a red circle"')
+    print("  ComfyUI: copy a LoRA to models/loras/ and use LoraLoaderModelOnly (strength 1.0)")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,12 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="the main job on the embedded tiny model: a few minutes of PEC training on a CPU",
-        description="Run the `demo` preset: GRPO + PEC on the embedded tiny model with the shapes world's "
-        "preference reward. Prints its wall time, where the LoRA and the report are, and how to load it.",
+        help="the main job on the embedded tiny model: Flow-GRPO and PEC side by side, minutes on a CPU",
+        description="Train Flow-GRPO and PEC from the `demo` preset (the same seed and budget) on the embedded tiny "
+        "model with the shapes world's preference reward, probing both every few iterations, then write one report "
+        "(runs/demo/report.md): base / Flow-GRPO / PEC images at the same seeds, the probe curves of both on shared "
+        "axes, and a table of reward, Vendi and share of Flow-GRPO's gain. Prints its wall time and where the LoRAs "
+        "are. --single trains PEC alone (the quick run).",
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
     p.add_argument("--fresh", action="store_true", help="ignore checkpoints in runs/demo")
+    p.add_argument("--single", action="store_true", help="train PEC alone into run.dir (no side-by-side report)")
     p.set_defaults(func=_cmd_demo)
 
     from trainer.toy.cli import add_cli as add_toy_cli

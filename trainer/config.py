@@ -255,6 +255,26 @@ class ReportConfig(_Section):
     grid_prompts: int = Field(4, ge=1, description="eval prompts shown in the before/after grids")
 
 
+class ProbeConfig(_Section):
+    """The fixed probe of the paradox (docs/design.md §9): every ``every`` iterations, apart from training, the
+    current policy samples the same prompts and seeds with SDE on the same steps; its own ``log.jsonl`` rows
+    hold the closed-form policy entropy of those steps (the same in every probe, by construction), their
+    perceptual entropy Ĥ_A, and the Vendi and feature variance of the final images in the perceptual space."""
+
+    every: int = Field(0, ge=0, description="iterations between probes (and one after the last); 0 = no probe")
+    prompts: int = Field(2, ge=1, description="the first N prompts of prompts.eval")
+    seeds: list[int] = Field(default_factory=lambda: list(range(8)), description="one sample per seed and prompt")
+    steps: list[int] = Field(default_factory=lambda: [0, 1, 2], description="the stochastic (probed) steps")
+
+    @model_validator(mode="after")
+    def _enough_seeds(self) -> ProbeConfig:
+        if len(self.seeds) < 2:
+            raise ValueError("probe.seeds needs at least 2 seeds: Vendi and variance compare samples of a prompt")
+        if not self.steps:
+            raise ValueError("probe.steps must name at least one step")
+        return self
+
+
 class FsdpConfig(_Section):
     """FSDP for models too large to replicate per GPU (FLUX): full sharding, one unit per transformer block."""
 
@@ -296,6 +316,7 @@ class Config(_Section):
     prompts: PromptsConfig = PromptsConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     report: ReportConfig = ReportConfig()
+    probe: ProbeConfig = ProbeConfig()
     distributed: DistributedConfig = DistributedConfig()
     run: RunConfig = RunConfig()
 

@@ -17,9 +17,11 @@ from .config import Config
 from .grids import image_grid
 from .metrics import image_batches, score_images
 from .prompts import resolve_prompts
-from .runlog import read_log
+from .runlog import read_log, read_probes
 from .sampling import sample_images
 
+#: the curves a fixed probe measures (trainer.probe), plotted from its rows when the run has them
+PROBED = ("policy_entropy", "perceptual_entropy", "vendi")
 CURVES = [
     ("reward_mean", "task reward (mean)"),
     ("policy_entropy", "policy entropy (closed form, per dim)"),
@@ -28,19 +30,29 @@ CURVES = [
 ]
 
 
-def plot_curves(rows: list[dict], path: Path) -> None:
+def plot_curves(rows: list[dict], path: Path, probes: list[dict] | None = None, runs: dict | None = None) -> None:
+    """The :data:`CURVES` of one run's ``rows`` — or of several, ``runs`` = {label: (rows, probes)}, on shared
+    axes. Where a run has probe rows, the entropy and Vendi panels plot them (the fixed probe: the same
+    prompts, seeds and steps every time) instead of the per-iteration values, which follow each
+    iteration's draw of prompts and SDE window."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    runs = runs or {"": (rows, probes or [])}
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
-    its = [r["iteration"] for r in rows]
-    for ax, (key, title) in zip(axes, CURVES):
-        ax.plot(its, [r.get(key) if r.get(key) is not None else float("nan") for r in rows], marker=".")
-        ax.set_title(title, fontsize=10)
+    for label, (run_rows, run_probes) in runs.items():
+        for ax, (key, title) in zip(axes, CURVES):
+            source = run_probes if run_probes and key in PROBED else run_rows
+            values = [r.get(key) if r.get(key) is not None else float("nan") for r in source]
+            ax.plot([r["iteration"] for r in source], values, marker=".", label=label or None)
+            ax.set_title(title + (" — probe" if run_probes and key in PROBED else ""), fontsize=10)
+    for ax in axes:
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
+    if len(runs) > 1:
+        axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -69,7 +81,7 @@ def write_report(
     """Write curves, before/after grids and ``report.md``; returns the report's path."""
     run_dir = Path(run_dir)
     rows = read_log(run_dir)
-    plot_curves(rows, run_dir / "curves.png")
+    plot_curves(rows, run_dir / "curves.png", read_probes(run_dir))
 
     prompts = resolve_prompts(config.prompts.eval)[: config.report.grid_prompts]
     seeds = config.report.grid_seeds

@@ -1,4 +1,8 @@
-"""Per-iteration metrics: a JSONL file always, TensorBoard when it is installed (or required)."""
+"""Per-iteration metrics: a JSONL file always, TensorBoard when it is installed (or required).
+
+``log.jsonl`` holds one row per training iteration and, when the run probes, the probe's own rows
+(``"probe": true``, see :mod:`trainer.probe`); :func:`read_log` and :func:`read_probes` read each kind.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,16 @@ LOG_NAME = "log.jsonl"
 
 
 def read_log(run_dir: Path) -> list[dict[str, Any]]:
+    """The training iterations' rows of ``run_dir``'s log."""
+    return [r for r in _read_rows(run_dir) if not r.get("probe")]
+
+
+def read_probes(run_dir: Path) -> list[dict[str, Any]]:
+    """The probe's rows of ``run_dir``'s log (empty when the run does not probe)."""
+    return [r for r in _read_rows(run_dir) if r.get("probe")]
+
+
+def _read_rows(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / LOG_NAME
     if not path.is_file():
         return []
@@ -26,11 +40,11 @@ def read_log(run_dir: Path) -> list[dict[str, Any]]:
 
 
 class RunLog:
-    """Appends one JSON object per iteration; on resume, drops rows at or past the resumed iteration."""
+    """Appends one JSON object per iteration (or probe); on resume, drops rows at or past the resumed iteration."""
 
     def __init__(self, run_dir: Path, start_iteration: int, tensorboard: str = "auto"):
         self.path = Path(run_dir) / LOG_NAME
-        self.rows = [r for r in read_log(run_dir) if r.get("iteration", -1) < start_iteration]
+        self.rows = [r for r in _read_rows(run_dir) if r.get("iteration", -1) < start_iteration]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows), encoding="utf-8")
         self.writer = self._tensorboard(Path(run_dir) / "tensorboard", tensorboard)
 
@@ -52,9 +66,10 @@ class RunLog:
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(clean) + "\n")
         if self.writer is not None:
+            prefix = "probe/" if row.get("probe") else ""
             for key, value in row.items():
-                if isinstance(value, (int, float)) and key != "iteration":
-                    self.writer.add_scalar(key, value, row["iteration"])
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "iteration":
+                    self.writer.add_scalar(prefix + key, value, row["iteration"])
             self.writer.flush()
 
     def close(self) -> None:

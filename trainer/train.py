@@ -39,6 +39,7 @@ from .methods import Method, RunContext, ShapeInputs
 from .methods.drift import PromptNoise
 from .metrics import group_vendi
 from .perceptual import PerceptualStats, embed_latents
+from .probe import Probe, make_probe, run_probe
 from .prompts import resolve_prompts
 from .rewards import WeightedReward, build_reward
 from .rollout import Rollout, RolloutSettings, Schedule, group_initial_seeds, iteration_rng, perceive, rollout
@@ -67,6 +68,7 @@ def train(config: Config, resume: bool = True, progress: bool | None = None, bac
     nan_streak = 0  # iterations in a row with a NaN reward (restarts at 0 on resume)
     bar = tqdm(range(run.start, t.iterations), desc="train", disable=not setup.progress, initial=run.start)
     for it in bar:
+        _probe(setup, run, it, t.iterations, log)
         clock = PhaseClock()
         draw = draw_iteration(it, t.seed, setup.prompts, t.prompts_per_iteration, group, methods).mine(setup.layout)
         ro = rollout(run.backend, draw.prompts, draw.seeds, draw.schedule, setup.settings, draw.init_seeds, draw.noise)
@@ -118,6 +120,7 @@ def train(config: Config, resume: bool = True, progress: bool | None = None, bac
             )
         if (it + 1) % config.checkpoint.every == 0 or it == t.iterations - 1:
             run.checkpoint(it)
+    _probe(setup, run, t.iterations, t.iterations, log)
     finish(setup, run, config, log)
     return setup.run_dir
 
@@ -143,6 +146,7 @@ class Setup:
     measure: bool  # perceive every iteration (a method needs it, or run.perceptual_stats)
     decode: str  # pec.decode
     chunk_size: int  # pec.chunk_size
+    probe: Probe
 
 
 def set_up(config: Config, backend: Backend | None, resume: bool, progress: bool | None) -> tuple[Setup, RunState]:
@@ -156,6 +160,7 @@ def set_up(config: Config, backend: Backend | None, resume: bool, progress: bool
     if config.distributed.fsdp.enabled and parallel.world == 1:
         raise ConfigError("distributed.fsdp.enabled shards the model over processes: start with accelerate launch")
     prompts, reward_fn = resolve_prompts(config.prompts.train), build_reward(config.rewards)  # before any model
+    eval_prompts = resolve_prompts(config.prompts.eval) if config.probe.every else []
     run_dir = Path(config.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -179,6 +184,7 @@ def set_up(config: Config, backend: Backend | None, resume: bool, progress: bool
         measure=config.run.perceptual_stats or any(m.uses_perceptual for m in run.methods),
         decode=pec.decode,
         chunk_size=pec.chunk_size,
+        probe=make_probe(config, eval_prompts, len(settings.sigmas) - 1),
     )
     return setup, run
 
@@ -342,6 +348,16 @@ def log_row(
     for method in methods:
         row.update(method.log())
     return row
+
+
+def _probe(setup: Setup, run: RunState, iteration: int, iterations: int, log: RunLog | None) -> None:
+    """The fixed probe of the current policy when it is due (every rank runs it: FSDP's forwards are collective)."""
+    if setup.probe.due(iteration, iterations):
+        s, start = setup, time.perf_counter()
+        row = run_probe(s.probe, iteration, run.backend, s.encoder, s.settings, s.decode, s.chunk_size)
+        row["time_probe"] = time.perf_counter() - start
+        if log is not None:
+            log.write(row)
 
 
 def finish(setup: Setup, run: RunState, config: Config, log: RunLog | None) -> None:
