@@ -15,7 +15,7 @@ import torch
 
 from . import PECError
 
-__all__ = ["perceptual_energy", "perceptual_entropy", "pcvae_gain", "pcvae_penalty", "pec_bonus"]
+__all__ = ["adaptive_beta", "perceptual_energy", "perceptual_entropy", "pcvae_gain", "pcvae_penalty", "pec_bonus"]
 
 
 Std = float | torch.Tensor
@@ -108,3 +108,19 @@ def pec_bonus(
         if clip is not None:
             e = e.clamp(-clip, clip)
     return e.mean(dim=1)
+
+
+def adaptive_beta(beta: float, diversity: float, reference: float, target: float, lr: float, lo: float, hi: float):
+    """Automatic PEC β: one log-space dual-ascent step on the constraint ``diversity ≥ target·reference``.
+
+    ``log β' = clamp(log β + lr·(log(target·reference) - log diversity), log lo, log hi)``
+
+    β grows while the measured diversity (e.g. the diversity probe's Vendi) is below ``target`` times its
+    reference (the base policy's), and shrinks while it is above — as SAC tunes its temperature to an
+    entropy target or PPO its KL coefficient to a KL target; the log keeps β positive and makes the step
+    relative. ``diversity`` and ``reference`` must be > 0. Returns the new β (float).
+    """
+    if diversity <= 0 or reference <= 0:
+        raise PECError(f"adaptive_beta needs positive diversity and reference, got {diversity} and {reference}")
+    step = lr * (math.log(target * reference) - math.log(diversity))
+    return min(max(math.exp(math.log(beta) + step), lo), hi)

@@ -215,6 +215,19 @@ class PecConfig(_Section):
         None, gt=0, description="PEC: bound each step's z-scored energy to ±bonus_clip (null = unbounded, eq. 17)"
     )
     one_sided: bool = Field(False, description="PCVAE: penalise only gains below the calibration")
+    beta_target: float | None = Field(
+        None,
+        gt=0,
+        description="PEC: automatic β holding the diversity probe's Vendi at beta_target × its value at the first "
+        "iteration (log-space dual ascent, comfy_pec.perceptual.adaptive_beta; pec.beta is the starting value); "
+        "null = β fixed at pec.beta",
+    )
+    beta_lr: float = Field(4.0, gt=0, description="automatic β: step η of log β per unit log-ratio of the probe Vendi")
+    beta_min: float = Field(0.01, gt=0, description="automatic β: lower clamp")
+    beta_max: float = Field(0.5, gt=0, description="automatic β: upper clamp")
+    probe_prompts: int = Field(4, ge=1, description="automatic β: training prompts in the diversity probe")
+    probe_seeds: int = Field(8, ge=2, description="automatic β: ODE samples per probe prompt (fixed seeds)")
+    probe_every: int = Field(1, ge=1, description="automatic β: iterations between probes (β changes only at a probe)")
     chunk_size: int = Field(32, ge=1, description="images per decode/encode chunk")
 
 
@@ -336,6 +349,12 @@ class Config(_Section):
             raise ValueError("rewards must name at least one reward")
         if self.pec.bonus_clip is not None and self.pec.step_norm != "zscore":
             raise ValueError("pec.bonus_clip bounds z-scored energies: it needs pec.step_norm=zscore")
+        pec = self.pec
+        if pec.method == "pec" and pec.beta_target is not None and not pec.beta_min <= pec.beta <= pec.beta_max:
+            raise ValueError(
+                f"automatic β starts at pec.beta ({pec.beta}), which must lie in [pec.beta_min, pec.beta_max] "
+                f"= [{pec.beta_min}, {pec.beta_max}]"
+            )
         fsdp = self.distributed.fsdp
         if fsdp.enabled and fsdp.activation_checkpointing and self.model.gradient_checkpointing:
             raise ValueError(

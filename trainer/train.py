@@ -69,6 +69,8 @@ def train(config: Config, resume: bool = True, progress: bool | None = None, bac
     bar = tqdm(range(run.start, t.iterations), desc="train", disable=not setup.progress, initial=run.start)
     for it in bar:
         _probe(setup, run, it, t.iterations, log)
+        for method in methods:
+            method.begin_iteration(it)
         clock = PhaseClock()
         draw = draw_iteration(it, t.seed, setup.prompts, t.prompts_per_iteration, group, methods).mine(setup.layout)
         ro = rollout(run.backend, draw.prompts, draw.seeds, draw.schedule, setup.settings, draw.init_seeds, draw.noise)
@@ -105,7 +107,7 @@ def train(config: Config, resume: bool = True, progress: bool | None = None, bac
         row = log_row(it, rewards, parts, shaped, ro, stats, features, adv, methods, group)
         if config.run.log_advantages:
             row["advantages"] = adv.values.tolist()
-        row.update(processes=parallel.world, **upd, **clock.times, time_total=clock.total)
+        row.update(prompt_ids=draw.prompt_ids, processes=parallel.world, **upd, **clock.times, time_total=clock.total)
         if log is not None:
             log.write(row)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", vendi=f"{row.get('vendi', float('nan')):.2f}")
@@ -246,12 +248,14 @@ class IterationDraw:
     schedule: Schedule
     init_seeds: torch.Tensor | None  # [N] when a group shares its initial noise
     noise: PromptNoise | None  # DRIFT's prompt-embedding noise
+    prompt_ids: list[int]  # [P] indices of the drawn prompts in the training set
 
     def mine(self, layout: SampleLayout) -> IterationDraw:
         """This rank's samples (all of them in one process)."""
         noise = None if self.noise is None else dataclasses.replace(self.noise, seeds=layout.mine(self.noise.seeds))
+        mine = layout.mine
         return IterationDraw(
-            layout.mine(self.prompts), layout.mine(self.seeds), self.schedule, layout.mine(self.init_seeds), noise
+            mine(self.prompts), mine(self.seeds), self.schedule, mine(self.init_seeds), noise, self.prompt_ids
         )
 
 
@@ -268,7 +272,7 @@ def draw_iteration(
     schedule = next(s for m in methods if (s := m.schedule(iteration, gen)) is not None)
     init_seeds = group_initial_seeds(seeds, group_size, schedule.shared_init)
     noise = next((n for m in methods if (n := m.prompt_noise(iteration, gen, len(batch_prompts))) is not None), None)
-    return IterationDraw(batch_prompts, seeds, schedule, init_seeds, noise)
+    return IterationDraw(batch_prompts, seeds, schedule, init_seeds, noise, chosen)
 
 
 def perceive_iteration(

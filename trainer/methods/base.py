@@ -6,6 +6,7 @@ calls the hooks of every active method in registry order; each hook's default ch
 method overrides only what it changes:
 
 - ``setup``: once per run, after a resume (E-GRPO's jumps, PCVAE's calibration);
+- ``begin_iteration``: before each iteration's draw, with the current policy (PEC's automatic β);
 - ``schedule``: this iteration's sampling schedule (the first method that returns one wins);
 - ``prompt_noise``: a perturbation of this iteration's prompt embeddings;
 - ``shape`` / ``keep``: the reward each sample is judged by, and which samples normalise their group;
@@ -94,6 +95,9 @@ class Method:
 
     def setup(self, run: RunContext) -> None:
         """Once per run, after any resume (so state loaded from a checkpoint is kept)."""
+
+    def begin_iteration(self, iteration: int) -> None:
+        """Before ``iteration``'s draw, with the policy as the previous update left it."""
 
     def schedule(self, iteration: int, generator: torch.Generator) -> Schedule | None:
         """This iteration's schedule, or ``None`` to leave it to the next method."""

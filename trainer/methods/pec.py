@@ -1,39 +1,134 @@
 """PEC and PCVAE: reward shaping with the perceptual entropy of the trained steps (docs/design.md §5).
 
 PEC adds ``β · pec_bonus(e)`` (the group-z-scored residual energy of each trained step, averaged over the
-steps); PCVAE subtracts ``β · pcvae_penalty(ℓ, c)``, the distance of the perceptual gain ℓ from its
+steps), β fixed or automatic; PCVAE subtracts ``β · pcvae_penalty(ℓ, c)``, the distance of the perceptual gain ℓ from its
 calibration c on the LoRA-off reference policy, measured once per run and kept in checkpoints.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from comfy_pec.perceptual import pcvae_gain, pcvae_penalty, pec_bonus
+from comfy_pec.diversity import vendi_score
+from comfy_pec.perceptual import adaptive_beta, pcvae_gain, pcvae_penalty, pec_bonus
 from comfy_pec.sde import stochastic_steps
 
 from ..lora import lora_disabled
+from ..perceptual import embed_latents
 from ..rollout import Schedule, iteration_rng, perceive, rollout
+from ..sampling import sample_images
 from .base import Method, RunContext, ShapeInputs
 
 
+@dataclass(frozen=True)
+class AutoBeta:
+    """The automatic β's settings (``pec.beta_target`` and the ``pec.beta_*`` / ``pec.probe_*`` keys)."""
+
+    target: float
+    lr: float
+    lo: float
+    hi: float
+    prompts: int
+    seeds: int
+    every: int
+
+
 class PEC(Method):
+    """PEC's bonus at a fixed β, or at the automatic β: before every ``probe_every``-th iteration the current
+    policy samples fixed training prompts and seeds with the ODE, and β takes one
+    :func:`~comfy_pec.perceptual.adaptive_beta` step towards holding their per-prompt Vendi at ``beta_target``
+    times the base policy's (measured at the first probe). β and that reference are kept in checkpoints."""
+
     name = "pec"
     uses_perceptual = True
 
-    def __init__(self, beta: float, step_norm: str, bonus_clip: float | None):
-        self.beta, self.step_norm, self.bonus_clip = beta, step_norm, bonus_clip
+    def __init__(self, beta: float, step_norm: str, bonus_clip: float | None, auto: AutoBeta | None = None):
+        self.beta, self.step_norm, self.bonus_clip, self.auto = beta, step_norm, bonus_clip, auto
+        self.reference: float | None = None  # the base policy's probe Vendi
+        self._run: RunContext | None = None
+        self._log: dict[str, Any] = {}
 
     @classmethod
     def from_config(cls, config) -> PEC | None:
         pec = config.pec
-        return cls(pec.beta, pec.step_norm, pec.bonus_clip) if pec.method == "pec" else None
+        if pec.method != "pec":
+            return None
+        auto = None
+        if pec.beta_target is not None:
+            p = pec
+            auto = AutoBeta(
+                p.beta_target, p.beta_lr, p.beta_min, p.beta_max, p.probe_prompts, p.probe_seeds, p.probe_every
+            )
+        return cls(pec.beta, pec.step_norm, pec.bonus_clip, auto)
+
+    def setup(self, run: RunContext) -> None:
+        self._run = run
+
+    def begin_iteration(self, iteration: int) -> None:
+        self._log = {}
+        if self.auto is None or iteration % self.auto.every:
+            return
+        start = time.perf_counter()
+        if self.reference is None:
+            with lora_disabled(self._run.backend):
+                self.reference = self._probe_vendi()
+        vendi = self._probe_vendi()
+        a = self.auto
+        self.beta = adaptive_beta(self.beta, vendi, self.reference, a.target, a.lr, a.lo, a.hi)
+        self._log = {
+            "probe_vendi": vendi,
+            "probe_vendi_ratio": vendi / self.reference,
+            "time_beta_probe": time.perf_counter() - start,
+        }
+
+    @torch.no_grad()
+    def _probe_vendi(self) -> float:
+        """Mean per-prompt Vendi (perceptual space) of ODE samples of fixed training prompts and seeds, drawn
+        once from the run's seed — free of the training rollout's window and prompt draws."""
+        run, a = self._run, self.auto
+        gen = iteration_rng(run.seed, -2)  # -1 is PCVAE's calibration draw
+        chosen = torch.randperm(len(run.prompts), generator=gen)[: a.prompts].tolist()
+        seeds = torch.randint(2**31, (a.seeds,), generator=gen).tolist()
+        prompts = [run.prompts[c] for c in chosen]
+        s = run.settings
+        images = sample_images(
+            run.backend,
+            [p for p in prompts for _ in seeds],
+            [x for _ in prompts for x in seeds],
+            resolution=s.resolution,
+            guidance_scale=s.guidance,
+            batch_size=s.batch_size,
+            progress=False,
+        )
+        feats = embed_latents(lambda x: x, run.encoder, images.to(run.backend.device), s.batch_size).cpu()
+        return float(vendi_score(feats.reshape(len(prompts), len(seeds), -1)).mean())
 
     def shape(self, rewards: torch.Tensor, inputs: ShapeInputs) -> torch.Tensor:
         bonus = pec_bonus(inputs.stats.energy, inputs.group_size, self.step_norm, clip=self.bonus_clip)
+        g = inputs.group_size
+        # Per group: the task reward's spread and the β·bonus spread (where the second is larger, the bonus
+        # decides the group's advantages), and the mean energy per trained step.
+        self._log.update(
+            beta=self.beta,
+            group_reward_std=inputs.task_rewards.reshape(-1, g).std(1, unbiased=False).tolist(),
+            group_bonus_std=(self.beta * bonus).reshape(-1, g).std(1, unbiased=False).tolist(),
+            step_energy=inputs.stats.energy.mean(0).tolist(),
+        )
         return rewards + self.beta * bonus
+
+    def log(self) -> dict[str, Any]:
+        return self._log
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"beta": self.beta, "reference": self.reference}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.beta = state.get("beta", self.beta)
+        self.reference = state.get("reference")
 
 
 class PCVAE(Method):
