@@ -376,7 +376,18 @@ def test_demo_lora_through_stock_and_pec_loaders_reproduces_pec_sample_lora(comf
         allow_mismatch=False,
     )
     assert "modules matched" in summary and " 0 of" not in summary
-    for patched in (stock, pec):
+    with_clip, clip, _ = run(
+        comfy,
+        "PECLoraLoader",
+        model=embedded[0],
+        clip=embedded[1],
+        lora_name=demo_lora.name,
+        strength_model=1.0,
+        strength_clip=1.0,
+        allow_mismatch=False,
+    )
+    assert clip is embedded[1]  # the wrapped text encoders take no patches (PEC LoRAs train none)
+    for patched in (stock, pec, with_clip):
         assert (_comfy_sample(comfy, embedded, patched) - reference).abs().max() <= PIXEL_TOLERANCE
 
 

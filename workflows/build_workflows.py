@@ -360,7 +360,7 @@ EMBEDDED = Base(
         "128x128 latent node: the tiny VAE downscales by 4). For SD3.5 use the workflow without _embedded.",
     ),
 )
-DEMO_LORA_NOTE = "LoRA: run `pec demo` and copy runs/demo/lora.safetensors to models/loras/pec_demo.safetensors."
+DEMO_LORA_NOTE = "LoRA: run `pec demo` and copy runs/demo/pec/lora.safetensors to models/loras/pec_demo.safetensors."
 
 
 def _sampling(base: Base, first_id: int, model: Link, y: int) -> list[Node]:

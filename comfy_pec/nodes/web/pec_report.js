@@ -11,7 +11,8 @@ function reportWidget(node) {
     const { ComfyWidgets } = window.comfyAPI.widgets;
     widget = ComfyWidgets.STRING(node, WIDGET, ["STRING", { multiline: true }], app).widget;
     widget.element.readOnly = true;
-    widget.serialize = false; // not part of the saved workflow: the widget values stay in input order
+    widget.serialize = false; // not saved in the workflow: the saved widget values stay in input order
+    widget.options.serialize = false; // not sent with the prompt: a new report does not void ComfyUI's cache
   }
   return widget;
 }
