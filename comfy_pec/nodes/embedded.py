@@ -21,7 +21,6 @@ ComfyUI and diffusers are imported inside the functions: importing this module c
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -31,11 +30,10 @@ __all__ = ["EmbeddedClip", "EmbeddedVae", "embedded_folder", "load_embedded", "l
 
 
 def embedded_folder() -> Path:
-    """``trainer/toy/pretrained``, found without importing the ``trainer`` package."""
-    spec = importlib.util.find_spec("trainer")
-    if spec is None or not spec.submodule_search_locations:
-        raise PECError("the embedded model needs the trainer package of this repository (trainer/toy/pretrained)")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "toy" / "pretrained"
+    """``trainer/toy/pretrained`` beside this package, found without importing ``trainer``: the two packages sit
+    side by side in the repository (the node pack's folder in ``custom_nodes``) and in an installed wheel alike,
+    while ``trainer`` is not importable inside ComfyUI, which imports only the pack's own folder."""
+    folder = Path(__file__).resolve().parents[2] / "trainer" / "toy" / "pretrained"
     if not (folder / "model_index.json").is_file():
         raise PECError(f"the embedded model is missing: {folder} has no model_index.json")
     return folder
