@@ -300,13 +300,14 @@ def save_pipeline(pipe, directory: str | Path, defaults: dict[str, Any] | None =
 
 @dataclasses.dataclass(frozen=True)
 class LLMPipelineSpec:
-    """Configs of a pipeline whose text encoder is a Qwen LLM: Z-Image (Qwen3) or Qwen-Image (Qwen2.5-VL).
+    """Configs of a pipeline whose text encoder is a Qwen LLM: Z-Image and FLUX.2-klein (Qwen3) or Qwen-Image
+    (Qwen2.5-VL).
 
     ``text_encoder`` holds the transformers config kwargs (``Qwen3Config``, or ``Qwen2_5_VLConfig`` with
     ``text_config`` and ``vision_config``), ``scheduler`` the ``FlowMatchEulerDiscreteScheduler`` config.
     """
 
-    family: str  # "zimage" | "qwenimage"
+    family: str  # "zimage" | "qwenimage" | "flux2-klein"
     transformer: dict[str, Any]
     vae: dict[str, Any]
     text_encoder: dict[str, Any]
@@ -350,6 +351,16 @@ _QWENIMAGE_SCHEDULER = dict(
     base_image_seq_len=256,
     max_image_seq_len=8192,
     shift_terminal=0.02,
+    time_shift_type="exponential",
+)
+_FLUX2_SCHEDULER = dict(  # FLUX.2's config; its pipelines pass their own empirical mu
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
     time_shift_type="exponential",
 )
 _TINY_LLM_DEFAULTS = dict(resolution=32, num_steps=4, eval_num_steps=4, max_sequence_length=48)
@@ -416,6 +427,31 @@ LLM_SPECS: dict[str, LLMPipelineSpec] = {
         vae=_TINY["vae"],
         text_encoder=_qwen3(32, 64, 2, 2, 1, 16, vocab=0),
         scheduler=_ZIMAGE_SCHEDULER,
+        defaults=_TINY_LLM_DEFAULTS,
+    ),
+    "tiny-flux2-klein": LLMPipelineSpec(
+        family="flux2-klein",
+        # ComfyUI's FLUX.2 takes the 256-channel timestep embedding and 4-axis RoPE as FLUX.2 has them
+        transformer=dict(
+            patch_size=1,
+            in_channels=128,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=48,  # three stacked Qwen3 layers of 16
+            axes_dims_rope=(4, 4, 4, 4),
+            guidance_embeds=False,
+        ),
+        vae=dict(
+            _vae((8, 16), 1, 4, scaling=1.0, shift=0.0),
+            latent_channels=32,
+            use_quant_conv=True,
+            use_post_quant_conv=True,
+        ),
+        # the pipeline reads hidden states 9, 18 and 27: 27 layers at least
+        text_encoder=_qwen3(16, 32, 27, 2, 1, 8, vocab=0),
+        scheduler=_FLUX2_SCHEDULER,
         defaults=_TINY_LLM_DEFAULTS,
     ),
     "tiny-qwenimage": LLMPipelineSpec(
@@ -510,6 +546,18 @@ def build_llm_pipeline(spec: LLMPipelineSpec | str, seed: int = 0, device="cpu",
             transformer = diffusers.ZImageTransformer2DModel(**spec.transformer)
             vae = diffusers.AutoencoderKL(**spec.vae)
             pipeline = diffusers.ZImagePipeline
+        elif spec.family == "flux2-klein":
+            config = transformers.Qwen3Config(
+                **dict(spec.text_encoder, vocab_size=spec.text_encoder["vocab_size"] or len(tokenizer))
+            )
+            text_encoder = transformers.Qwen3ForCausalLM(config)
+            transformer = diffusers.Flux2Transformer2DModel(**spec.transformer)
+            vae_config = {k: v for k, v in spec.vae.items() if k not in ("scaling_factor", "shift_factor")}
+            vae = diffusers.AutoencoderKLFlux2(**vae_config)
+            # non-trivial latent statistics, so that tests see the normalisation
+            vae.bn.running_mean.normal_(0.0, 0.5)
+            vae.bn.running_var.uniform_(0.5, 2.0)
+            pipeline = diffusers.Flux2KleinPipeline
         else:
             text = dict(spec.text_encoder["text_config"])
             text["vocab_size"] = text["vocab_size"] or len(tokenizer)
