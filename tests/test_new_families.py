@@ -21,7 +21,7 @@ from comfy_pec.sde import scheduler_schedule
 from trainer import rewards as reward_registry
 from trainer.backends import detect_family, load_backend
 from trainer.backends.flux import unpack_latents
-from trainer.backends.flux2 import Flux2KleinBackend
+from trainer.backends.flux2 import Flux2Backend, Flux2KleinBackend
 from trainer.backends.qwenimage import QwenImageBackend
 from trainer.backends.random_init import LLM_SPECS, build_llm_pipeline, save_pipeline
 from trainer.backends.zimage import ZImageBackend
@@ -34,8 +34,10 @@ from trainer.train import train
 FAMILIES = {
     "zimage": ("tiny-zimage", "zimage-turbo-pickscore", ZImageBackend, "zimage"),
     "qwenimage": ("tiny-qwenimage", "qwen-image-pickscore", QwenImageBackend, "qwen-image"),
+    "flux2": ("tiny-flux2-dev", "flux2-dev-pickscore", Flux2Backend, "flux2"),
     "flux2-klein": ("tiny-flux2-klein", "flux2-klein-pickscore", Flux2KleinBackend, "flux2-klein"),
 }
+FLUX2 = ("flux2", "flux2-klein")
 PROMPTS = ["a red circle", "a blue square on the left", "a green star"]
 
 
@@ -58,8 +60,8 @@ def test_load_through_the_real_path(model_dirs, family):
     assert not any(p.requires_grad for p in backend.transformer.parameters())
     cond = backend.encode_prompts(PROMPTS)
     assert not torch.allclose(cond.embeds[0], cond.embeds[1])
-    if family == "flux2-klein":  # three stacked Qwen3 layers over the whole padded sequence, no pooled
-        assert cond.embeds.shape == (3, 48, 48) and cond.pooled.shape == (3, 0)
+    if family in FLUX2:  # three stacked text-encoder layers over the whole padded sequence, no pooled
+        assert cond.embeds.shape == (3, backend.max_sequence_length, 48) and cond.pooled.shape == (3, 0)
     else:  # real tokens only, padded with zeros; the mask in pooled
         lengths = cond.pooled.sum(1)
         assert cond.embeds.shape == (3, 48, 32) and (lengths > 0).all() and len(set(lengths.tolist())) > 1
@@ -88,8 +90,8 @@ def _pipeline_latents(backend, family: str, noise: torch.Tensor, steps: int, gui
             output_type="latent",
         ).images
         return out
-    if family == "flux2-klein":  # takes our layout; returns the VAE latent (batch-norm undone, patches unfolded)
-        return pipe(
+    if family in FLUX2:  # takes our layout; klein returns the VAE latent (batch-norm undone, patches unfolded)
+        out = pipe(
             prompt=PROMPTS[:2],
             latents=noise,
             num_inference_steps=steps,
@@ -99,6 +101,7 @@ def _pipeline_latents(backend, family: str, noise: torch.Tensor, steps: int, gui
             max_sequence_length=backend.max_sequence_length,
             output_type="latent",
         ).images
+        return out if family == "flux2-klein" else out.transpose(1, 2).reshape(noise.shape)  # dev: the tokens
     tokens = noise.flatten(2).transpose(1, 2)  # the packed sequence the pipeline carries
     out = pipe(
         prompt=PROMPTS[:2],
@@ -150,7 +153,7 @@ def test_schedule_is_the_scheduler(model_dirs, family, size):
     scheduler = backend.pipe.scheduler
     seq_len = (size[0] // 4) * (size[1] // 4)  # tiny VAE: 2x down-sampling, then 2x2 patches
     cfg = scheduler.config
-    if family == "flux2-klein":
+    if family in FLUX2:
         mu = compute_empirical_mu(seq_len, 6)
     else:
         mu = calculate_shift(seq_len, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)
@@ -248,7 +251,7 @@ def test_one_pec_iteration(trained, family):
             "noise_refiner.0.attention.to_q",
             "context_refiner.0.attention.to_out.0",
         } <= modules
-    elif family == "flux2-klein":  # double blocks' attention and MLPs, the single blocks' fused projection
+    elif family in FLUX2:  # double blocks' attention and MLPs, the single blocks' fused projection
         assert {
             "transformer_blocks.0.ff_context.linear_out",
             "single_transformer_blocks.0.attn.to_qkv_mlp_proj",
@@ -299,9 +302,9 @@ def test_inspect_and_loader_check_name_the_family(trained, family, capsys):
     assert architecture in capsys.readouterr().out
     tensors = load_lora(run / "lora.safetensors")[0]
     coverage = lora_key_coverage(tensors, tensors)  # a model that has every module: only the family decides
-    comfy_class = {"zimage": ["ZImage", "Lumina2"], "qwenimage": ["QwenImage"], "flux2-klein": ["Flux2", "Flux"]}
+    comfy_class = {"zimage": ["ZImage", "Lumina2"], "qwenimage": ["QwenImage"]}.get(family, ["Flux2", "Flux"])
     lora = lora_family(info)
-    assert model_family(comfy_class[family]) == lora == architecture.removesuffix("-klein")
+    assert model_family(comfy_class) == lora == architecture.removesuffix("-klein")
     check_lora(info, coverage, lora)
     with pytest.raises(PECError, match=f"for {lora.upper()} models but the model is flux"):
         check_lora(info, coverage, model_family(["Flux"]))
@@ -498,7 +501,7 @@ def test_trained_lora_loads_in_comfyui_with_every_key(comfy, trained, model_dirs
     diffusers layout, give the adapted model's velocity (FLUX.2: the patched BFL weights are the adapter's)."""
     run, config, adapted = trained[family]
     tensors, _ = load_lora(run / "lora.safetensors")
-    if family == "flux2-klein":
+    if family in FLUX2:
         _check_flux2_in_comfy(comfy, tensors, adapted.transformer, caplog)
         return
     base = load_backend(model_dirs[family])
