@@ -638,3 +638,21 @@ def test_flux2_diffusers_layout_lora_is_recognised_and_refused_on_flux1(tmp_path
     state["transformer.x_embedder.lora_B.weight"] = torch.zeros(32, 2)
     with pytest.raises(PECError, match="'x_embedder' has no place in the original"):
         save_lora(state, tmp_path / "out.safetensors", alpha=4)
+
+
+@pytest.mark.comfyui
+def test_flux2_diffusers_layout_is_not_loaded_by_comfyui(comfy, caplog):
+    """Why FLUX.2 files use the BFL layout: ComfyUI 0.8.0 leaves the diffusers-layout MLP and single-block keys
+    unloaded (the attention keys it maps through its FLUX.1 table)."""
+    from peft.utils import get_peft_model_state_dict
+
+    model = _tiny_flux2()
+    tm.add_random_lora(model, targets=["to_q", "ff.linear_in", "ff_context.linear_out", "to_qkv_mlp_proj"])
+    tensors = {"transformer." + k: v for k, v in get_peft_model_state_dict(model).items()}
+    patcher = _comfy_flux2(comfy, model)
+    with caplog.at_level(logging.WARNING):
+        comfy.lora.load_lora(tensors, comfy.lora.model_lora_keys_unet(patcher.model, {}))
+    not_loaded = " ".join(r.getMessage() for r in caplog.records if "lora key not loaded" in r.getMessage())
+    for module in ("ff.linear_in", "ff_context.linear_out", "attn.to_qkv_mlp_proj"):
+        assert module in not_loaded
+    assert "attn.to_q." not in not_loaded
