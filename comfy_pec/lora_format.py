@@ -369,7 +369,8 @@ def save_lora(
     usage_hint: str | None = None,
     provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
-    """Write a LoRA in the PEC layout (DESIGN §8), atomically.
+    """Write a LoRA in the PEC layout (DESIGN §8), atomically; FLUX.2 (``architecture`` flux2 / flux2-klein, or
+    guessed so) in the original BFL layout of :func:`flux2_to_bfl`, the one ComfyUI loads completely.
 
     Args:
         source: a diffusers transformer with a PEFT LoRA (``transformer.add_adapter(LoraConfig(...))``)
