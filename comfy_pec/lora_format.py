@@ -10,6 +10,11 @@ Layout, chosen so that stock ComfyUI and diffusers both load the file at the tra
   lora_alpha == r because the scale is baked), ``modelspec.*``, kohya-style ``ss_*`` and the PEC
   provenance block ``pec.*``.
 
+FLUX.2 is the exception: ComfyUI maps its diffusers keys with the FLUX.1 table and leaves the MLPs and
+single blocks unloaded, so FLUX.2 files use the original BFL module names under ``diffusion_model.``
+(:func:`flux2_to_bfl`), q/k/v fused into one LoRA of the fused ``qkv`` weight, which diffusers' FLUX.2
+converter reads back exactly.
+
 Reading never trusts the file: the safetensors header is parsed and every size is checked, in bounded
 memory, before safetensors sees it, and any problem surfaces as one :class:`LoraFormatError` whose
 message is a single line naming the file.
@@ -72,8 +77,9 @@ ARCHITECTURES = {
     "flux": ("flux-1-dev/lora", "flux1"),
     # The embedded tiny SD3-architecture model that ships with PEC (keys look like "sd3").
     "sd3-toy": ("pec-embedded-sd3-toy/lora", "sd3-toy"),
-    # FLUX.2 (dev, klein) is recognised but not written yet: ComfyUI maps only its original (BFL) layout.
-    "flux2": ("flux-2/lora", "flux2"),
+    # FLUX.2 is written in the original (BFL) layout: the one ComfyUI maps completely (docs/lora-layouts.md).
+    "flux2": ("flux-2-dev/lora", "flux2"),
+    "flux2-klein": ("flux-2-klein/lora", "flux2_klein"),
     "zimage": ("z-image/lora", "zimage"),
     "qwen-image": ("qwen-image/lora", "qwen_image"),
 }
@@ -145,6 +151,10 @@ _QWENIMAGE_RE = re.compile(r"(?:^|\.)transformer_blocks\.\d{1,9}\.(?:img_mlp|txt
 _FLUX2_RE = re.compile(
     r"(?:^|\.)(?:transformer_blocks\.\d{1,9}\.ff(?:_context)?\.linear_(?:in|out)|attn\.to_qkv_mlp_proj)\."
 )
+# Original (BFL) layout: FLUX.2's SwiGLU MLPs are 2·3h wide (FLUX.1: 4h), its single blocks' linear1 9h (FLUX.1: 7h).
+_BFL_MLP_RE = re.compile(
+    r"(?:^|\.)(?:double_blocks\.\d{1,9}\.img_mlp\.0|single_blocks\.\d{1,9}\.linear1)\.lora_B\.weight$"
+)
 _FLUX_DOUBLE_BLOCKS = 19  # FLUX.1 has 19 double blocks: a 3072-wide block index beyond is Qwen-Image's (60)
 
 
@@ -158,7 +168,8 @@ def guess_architecture(keys_and_shapes: Mapping[str, Any]) -> str:
     Returns ``"sd3" | "sd3.5-medium" | "sd3.5-large" | "flux" | "flux2" | "zimage" | "qwen-image" | "unknown"``,
     by these rules in order:
 
-    1. any ``ff.linear_in|out`` / ``ff_context.linear_in|out`` / ``attn.to_qkv_mlp_proj`` key -> ``flux2``;
+    1. any ``ff.linear_in|out`` / ``ff_context.linear_in|out`` / ``attn.to_qkv_mlp_proj`` key, or in the BFL
+       layout an ``img_mlp.0`` 6x / ``linear1`` 9x wider than its input (lora_B and lora_A shapes) -> ``flux2``;
        any other ``single_transformer_blocks.N.`` key -> ``flux`` (only FLUX has single-stream blocks);
        any ``noise_refiner`` / ``context_refiner`` / ``layers.N.attention|feed_forward`` key -> ``zimage``;
        any ``transformer_blocks.N.img_mlp|txt_mlp|img_mod|txt_mod`` key -> ``qwen-image``;
@@ -177,6 +188,10 @@ def guess_architecture(keys_and_shapes: Mapping[str, Any]) -> str:
     for key, value in keys_and_shapes.items():
         if _FLUX2_RE.search(key):
             return "flux2"
+        if _BFL_MLP_RE.search(key):
+            a_shape = keys_and_shapes.get(key.replace(".lora_B.", ".lora_A."))
+            if a_shape is not None and _shape(value)[0] in (6 * _shape(a_shape)[1], 9 * _shape(a_shape)[1]):
+                return "flux2"
         if _SINGLE_RE.search(key):
             return "flux"
         if _ZIMAGE_RE.search(key):
@@ -354,7 +369,8 @@ def save_lora(
     usage_hint: str | None = None,
     provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
-    """Write a LoRA in the PEC layout (docs/design.md §8), atomically.
+    """Write a LoRA in the PEC layout (docs/design.md §8), atomically; FLUX.2 (``architecture`` flux2 / flux2-klein, or
+    guessed so) in the original BFL layout of :func:`flux2_to_bfl`, the one ComfyUI loads completely.
 
     Args:
         source: a diffusers transformer with a PEFT LoRA (``transformer.add_adapter(LoraConfig(...))``)
@@ -392,18 +408,14 @@ def save_lora(
         tensors[FILE_PREFIX + module + _B] = (b.detach().to("cpu", torch.float32) * scale).to(dtype).contiguous()
     ranks = {m: a.shape[0] for m, (a, _, _) in modules.items()}
     arch = architecture or guess_architecture({m + _A: a.shape for m, (a, _, _) in modules.items()})
-    if arch == "flux2":
-        raise _error(
-            where,
-            "FLUX.2 LoRAs are not written yet: the diffusers layout leaves ff.linear_*, ff_context.linear_* and the "
-            "single blocks' projections unloaded in ComfyUI, and the original (BFL) layout writer is still to come",
-        )
-
+    if arch.startswith("flux2"):
+        # diffusers' lora_adapter_metadata would describe modules the file does not have: without it
+        # diffusers takes each rank from the shapes with alpha == rank, i.e. the baked scale 1.
+        tensors = flux2_to_bfl(tensors, where)
     adapter = _adapter_metadata(ranks)
     r = adapter[FILE_PREFIX + "r"]
     metadata = {
         "format": "pt",
-        "lora_adapter_metadata": json.dumps(adapter, sort_keys=True),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.implementation": "diffusers",
         "modelspec.title": title or os.path.splitext(os.path.basename(where))[0],
@@ -412,6 +424,8 @@ def save_lora(
         "ss_network_dim": str(r),
         "ss_network_alpha": str(r),  # baked scale: alpha == dim means "multiply by 1"
     }
+    if not arch.startswith("flux2"):
+        metadata["lora_adapter_metadata"] = json.dumps(adapter, sort_keys=True)
     if arch in ARCHITECTURES:  # an unrecognised key set gets no architecture rather than a wrong one
         metadata["modelspec.architecture"] = _modelspec_architecture(arch, base_model)
         metadata["ss_base_model_version"] = ARCHITECTURES[arch][1]
@@ -428,6 +442,106 @@ def save_lora(
 
     _write_atomic(tensors, metadata, where)
     return metadata
+
+
+# FLUX.2 diffusers module (after the block index) -> (BFL module, slice of a fused q/k/v weight or None).
+_FLUX2_DOUBLE = {
+    "attn.to_q": ("img_attn.qkv", 0),
+    "attn.to_k": ("img_attn.qkv", 1),
+    "attn.to_v": ("img_attn.qkv", 2),
+    "attn.add_q_proj": ("txt_attn.qkv", 0),
+    "attn.add_k_proj": ("txt_attn.qkv", 1),
+    "attn.add_v_proj": ("txt_attn.qkv", 2),
+    "attn.to_out.0": ("img_attn.proj", None),
+    "attn.to_add_out": ("txt_attn.proj", None),
+    "ff.linear_in": ("img_mlp.0", None),
+    "ff.linear_out": ("img_mlp.2", None),
+    "ff_context.linear_in": ("txt_mlp.0", None),
+    "ff_context.linear_out": ("txt_mlp.2", None),
+}
+_FLUX2_SINGLE = {"attn.to_qkv_mlp_proj": ("linear1", None), "attn.to_out": ("linear2", None)}
+_FLUX2_BLOCK_RE = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d{1,9})\.(.+)$")
+BFL_PREFIX = "diffusion_model."
+_BFL_MODULE_RE = re.compile(r"^diffusion_model\.(double_blocks|single_blocks)\.(\d{1,9})\.(.+)\.lora_A\.weight$")
+
+
+def _flux2_bfl_module(module: str, where: object) -> tuple[str, int | None]:
+    """``transformer_blocks.3.attn.to_k`` -> (``double_blocks.3.img_attn.qkv``, 1)."""
+    match = _FLUX2_BLOCK_RE.match(module)
+    table = _FLUX2_DOUBLE if match and match.group(1) == "transformer_blocks" else _FLUX2_SINGLE
+    target = table.get(match.group(3)) if match else None
+    if target is None:
+        raise _error(
+            where,
+            f"FLUX.2 module {_short(module)} has no place in the original (BFL) layout that ComfyUI loads; "
+            f"LoRA targets must be among {sorted(_FLUX2_DOUBLE)} (double blocks) and {sorted(_FLUX2_SINGLE)} (single)",
+        )
+    kind = "double_blocks" if match.group(1) == "transformer_blocks" else "single_blocks"
+    return f"{kind}.{match.group(2)}.{target[0]}", target[1]
+
+
+def flux2_to_bfl(tensors: Mapping[str, torch.Tensor], where: object = "FLUX.2 LoRA") -> dict[str, torch.Tensor]:
+    """A FLUX.2 LoRA in diffusers module paths -> the original (BFL) layout, exactly.
+
+    Args:
+        tensors: ``{"transformer.<diffusers module>.lora_A.weight": [r, in], ...lora_B.weight: [out, r]}``.
+    Returns:
+        ``{"diffusion_model.<BFL module>.lora_A/B.weight": ...}``. Renamed modules keep their tensors; the
+        q, k, v projections of a stream fuse into one LoRA of its ``qkv`` weight ``[3·out, in]``:
+        ``A = [A_q; A_k; A_v]`` ``[r_q + r_k + r_v, in]`` and ``B = blockdiag(B_q, B_k, B_v)``, so
+        ``B A = [B_q A_q; B_k A_k; B_v A_v]``; a projection the LoRA leaves out gets zero rows.
+    """
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for key, a in tensors.items():
+        if not key.endswith(_A):
+            continue
+        b = tensors[key[: -len(_A)] + _B]
+        bfl, part = _flux2_bfl_module(module_path(key), where)
+        if part is None:
+            out[BFL_PREFIX + bfl + _A], out[BFL_PREFIX + bfl + _B] = a, b
+        else:
+            fused.setdefault(bfl, {})[part] = (a, b)
+    for bfl, parts in fused.items():
+        rows = next(iter(parts.values()))[1].shape[0]
+        ranks = {i: a.shape[0] for i, (a, _) in parts.items()}
+        a_fused = torch.cat([parts[i][0] for i in sorted(parts)])
+        b_fused = a_fused.new_zeros(3 * rows, a_fused.shape[0])
+        col = 0
+        for i in sorted(parts):
+            b_fused[i * rows : (i + 1) * rows, col : col + ranks[i]] = parts[i][1]
+            col += ranks[i]
+        out[BFL_PREFIX + bfl + _A], out[BFL_PREFIX + bfl + _B] = a_fused, b_fused
+    return out
+
+
+def flux2_from_bfl(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A FLUX.2 LoRA in the BFL layout -> diffusers module paths (``transformer.<module>.lora_A/B.weight``).
+
+    The inverse of :func:`flux2_to_bfl` as diffusers' converter does it, exact for any BFL file: a fused
+    ``qkv`` LoRA ``(A, B)`` becomes q, k and v LoRAs sharing ``A`` with ``B``'s three row blocks.
+    Keys not in the BFL layout pass through unchanged.
+    """
+    # (kind, BFL module, diffusers module, slice): a fused qkv appears three times
+    inverse = [("double_blocks", bfl, name, part) for name, (bfl, part) in _FLUX2_DOUBLE.items()]
+    inverse += [("single_blocks", bfl, name, part) for name, (bfl, part) in _FLUX2_SINGLE.items()]
+    blocks = {"double_blocks": "transformer_blocks", "single_blocks": "single_transformer_blocks"}
+    out = dict(tensors)
+    for key in tensors:
+        match = _BFL_MODULE_RE.match(key)
+        if match is None:
+            continue
+        kind, index, bfl = match.groups()
+        names = [(n, p) for k, m, n, p in inverse if (k, m) == (kind, bfl)]
+        if not names:
+            continue  # not a module FLUX.2 LoRAs target: left as it is, for the caller's fit check
+        a, b = out.pop(key), out.pop(key[: -len(_A)] + _B)
+        for name, part in names:
+            module = f"{FILE_PREFIX}{blocks[kind]}.{index}.{name}"
+            rows = b.shape[0] // 3 if part is not None else b.shape[0]
+            out[module + _A] = a
+            out[module + _B] = b if part is None else b[part * rows : (part + 1) * rows]
+    return out
 
 
 def _write_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str) -> None:
@@ -633,7 +747,7 @@ def _is_compatible(guessed: str, declared: str | None) -> bool:
     declared_arch = _SPEC_TO_ARCH.get(declared)
     if declared_arch is None:
         return False
-    return declared_arch == guessed or (guessed == "sd3" and declared_arch.startswith("sd3"))
+    return declared_arch == guessed or any(guessed == f and declared_arch.startswith(f) for f in ("sd3", "flux2"))
 
 
 def _adapter_scale_baked(metadata: Mapping[str, str], notes: list[str]) -> bool:
@@ -679,7 +793,9 @@ def inspect_lora(path: str | os.PathLike) -> LoraInfo:
     scale_baked = _adapter_scale_baked(metadata, notes) and not alpha_keys
     if any(m.startswith("base_model.model.") for m in header.modules):
         notes.append("keys carry PEFT's base_model.model. wrapper: a raw PEFT file, not the docs/design.md §8 layout")
-    elif not all(m.startswith(FILE_PREFIX) for m in header.modules):
+    elif not all(m.startswith(FILE_PREFIX) for m in header.modules) and not (
+        architecture == "flux2" and all(m.startswith(BFL_PREFIX) for m in header.modules)
+    ):
         notes.append("keys lack the transformer. prefix that diffusers and ComfyUI expect")
     others = len(header.shapes) - len(lora_keys) - len(alpha_keys)
     if others:

@@ -123,12 +123,23 @@ def stretch_to_terminal(sigmas: torch.Tensor, terminal: float) -> torch.Tensor:
     return (1.0 - one_minus * ((1.0 - terminal) / one_minus[-1])).float()
 
 
-def scheduler_schedule(num_steps: int, image_seq_len: int, config: dict) -> torch.Tensor:
+def flux2_mu(image_seq_len: int, num_steps: int) -> float:
+    """FLUX.2's empirical dynamic-shift exponent, linear in the step count N between two fits linear in
+    the token count L: ``μ_200 = 1.6927e-4·L + 0.45667`` (200 steps) and ``μ_10 = 8.7381e-5·L + 1.89833``
+    (10 steps); ``μ = μ_10 + (μ_200 - μ_10)·(N - 10)/190``, and ``μ = μ_200`` for L > 4300."""
+    mu_200 = 0.00016927 * image_seq_len + 0.45666666
+    if image_seq_len > 4300:
+        return float(mu_200)
+    mu_10 = 8.73809524e-05 * image_seq_len + 1.89833333
+    return float(mu_10 + (mu_200 - mu_10) * (num_steps - 10) / 190.0)
+
+
+def scheduler_schedule(num_steps: int, image_seq_len: int, config: dict, mu: float | None = None) -> torch.Tensor:
     """The schedule a diffusers ``FlowMatchEulerDiscreteScheduler`` ``config`` gives for
     ``linspace(1, 1/N, N)`` (what the FLUX.2, Z-Image and Qwen-Image pipelines pass), then 0. [N+1].
 
-    Dynamic shifting: ``μ`` of :func:`flux_mu` with the config's ``base/max_image_seq_len`` and
-    ``base/max_shift``, applied as :func:`flux_shift_sigmas` (``time_shift_type`` exponential, the only
+    Dynamic shifting: ``mu`` when given (FLUX.2: :func:`flux2_mu`), else :func:`flux_mu` with the config's
+    ``base/max_image_seq_len`` and ``base/max_shift``, applied as :func:`flux_shift_sigmas` (``time_shift_type`` exponential, the only
     one these families use); else the static shift ``config["shift"]``. A ``shift_terminal`` then
     stretches the schedule with :func:`stretch_to_terminal`.
     """
@@ -136,12 +147,16 @@ def scheduler_schedule(num_steps: int, image_seq_len: int, config: dict) -> torc
         raise PECError(f"time_shift_type {config['time_shift_type']!r} is not supported (only exponential)")
     sigmas = base_sigmas(num_steps)
     if config.get("use_dynamic_shifting"):
-        mu = flux_mu(
-            image_seq_len,
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
+        mu = (
+            mu
+            if mu is not None
+            else flux_mu(
+                image_seq_len,
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.15),
+            )
         )
         sigmas = flux_shift_sigmas(sigmas, mu)
     else:

@@ -30,6 +30,8 @@ def lora_family(info: LoraInfo) -> str:
     arch = declared or info.architecture
     if arch.startswith("sd3"):
         return "sd3"
+    if arch.startswith("flux2"):  # dev and klein: one ComfyUI model class
+        return "flux2"
     return arch if arch in set(_CONFIG_FAMILIES.values()) else "unknown"
 
 

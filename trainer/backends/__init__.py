@@ -20,6 +20,8 @@ _PIPELINE_FAMILIES = {
     "FluxPipeline": "flux",
     "ZImagePipeline": "zimage",
     "QwenImagePipeline": "qwenimage",
+    "Flux2Pipeline": "flux2",
+    "Flux2KleinPipeline": "flux2-klein",
 }
 # family -> (module of this package, backend class): adding a family is one file and one line here.
 _BACKENDS = {
@@ -27,6 +29,8 @@ _BACKENDS = {
     "flux": ("flux", "FluxBackend"),
     "zimage": ("zimage", "ZImageBackend"),
     "qwenimage": ("qwenimage", "QwenImageBackend"),
+    "flux2": ("flux2", "Flux2Backend"),
+    "flux2-klein": ("flux2", "Flux2KleinBackend"),
 }
 #: the supported model families.
 FAMILIES = tuple(_BACKENDS)

@@ -72,9 +72,17 @@ def load_lora_for(transformer: torch.nn.Module, path: str, family: str) -> dict[
     Returns the file's tensors (``transformer.<module>.lora_A/B.weight``). A LoRA made for another
     base model is a :class:`PECError` naming the first module that does not fit.
     """
-    from comfy_pec.lora_format import guess_architecture, load_lora, module_path
+    from comfy_pec.lora_format import load_lora
 
     tensors, _ = load_lora(path)  # LoraFormatError (a PECError) on anything that is not a LoRA
+    check_lora_fits(transformer, tensors, path, family)
+    return tensors
+
+
+def check_lora_fits(transformer: torch.nn.Module, tensors: dict[str, torch.Tensor], path: str, family: str) -> None:
+    """:func:`load_lora_for`'s check on tensors already read (``<any prefix><module>.lora_A/B.weight``)."""
+    from comfy_pec.lora_format import guess_architecture, module_path
+
     modules = dict(transformer.named_modules())
     for key, tensor in tensors.items():
         if not key.endswith(".lora_A.weight"):
@@ -97,7 +105,6 @@ def load_lora_for(transformer: torch.nn.Module, path: str, family: str) -> dict[
                 f"({found}); the LoRA was made for another base model (its keys look like "
                 f"{guess_architecture(tensors)})"
             )
-    return tensors
 
 
 class Backend(abc.ABC):

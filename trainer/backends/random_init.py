@@ -292,13 +292,14 @@ def save_pipeline(pipe, directory: str | Path, defaults: dict[str, Any] | None =
 
 @dataclasses.dataclass(frozen=True)
 class LLMPipelineSpec:
-    """Configs of a pipeline whose text encoder is a Qwen LLM: Z-Image (Qwen3) or Qwen-Image (Qwen2.5-VL).
+    """Configs of a pipeline whose text encoder is an LLM: Z-Image and FLUX.2-klein (Qwen3), Qwen-Image
+    (Qwen2.5-VL) or FLUX.2-dev (Mistral-3; the tiny ones tokenize with :func:`qwen_tokenizer`).
 
     ``text_encoder`` holds the transformers config kwargs (``Qwen3Config``, or ``Qwen2_5_VLConfig`` with
     ``text_config`` and ``vision_config``), ``scheduler`` the ``FlowMatchEulerDiscreteScheduler`` config.
     """
 
-    family: str  # "zimage" | "qwenimage"
+    family: str  # "zimage" | "qwenimage" | "flux2" | "flux2-klein"
     transformer: dict[str, Any]
     vae: dict[str, Any]
     text_encoder: dict[str, Any]
@@ -344,6 +345,28 @@ _QWENIMAGE_SCHEDULER = dict(
     shift_terminal=0.02,
     time_shift_type="exponential",
 )
+_FLUX2_SCHEDULER = dict(  # FLUX.2's config; its pipelines pass their own empirical mu
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+    time_shift_type="exponential",
+)
+# ComfyUI's FLUX.2 takes the 256-channel timestep embedding and 4-axis RoPE as FLUX.2 has them.
+_TINY_FLUX2 = dict(
+    patch_size=1,
+    in_channels=128,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=48,  # three stacked text-encoder layers of 16
+    axes_dims_rope=(4, 4, 4, 4),
+)
+_TINY_FLUX2_VAE = dict(_vae((8, 16), 1, 4, scaling=1.0, shift=0.0), latent_channels=32)
 _TINY_LLM_DEFAULTS = dict(resolution=32, num_steps=4, eval_num_steps=4, max_sequence_length=48)
 
 #: name -> spec; the published sizes, and tiny ones for CPU tests (32 px images) whose shapes ComfyUI's
@@ -410,6 +433,72 @@ LLM_SPECS: dict[str, LLMPipelineSpec] = {
         scheduler=_ZIMAGE_SCHEDULER,
         defaults=_TINY_LLM_DEFAULTS,
     ),
+    "flux.2-dev": LLMPipelineSpec(
+        family="flux2",
+        transformer=dict(),  # diffusers' Flux2Transformer2DModel defaults are FLUX.2-dev
+        vae=dict(_vae((128, 256, 512, 512), 2, 32, scaling=1.0, shift=0.0), latent_channels=32),
+        text_encoder=dict(  # Mistral-Small-3.1-24B
+            text_config=dict(
+                model_type="mistral",
+                vocab_size=131072,
+                hidden_size=5120,
+                intermediate_size=32768,
+                num_hidden_layers=40,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                head_dim=128,
+            ),
+            vision_config=dict(
+                model_type="pixtral",
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_hidden_layers=24,
+                num_attention_heads=16,
+                head_dim=64,
+                patch_size=14,
+                image_size=1540,
+            ),
+        ),
+        scheduler=_FLUX2_SCHEDULER,
+    ),
+    "tiny-flux2-dev": LLMPipelineSpec(
+        family="flux2",
+        transformer=dict(_TINY_FLUX2, guidance_embeds=True),
+        vae=_TINY_FLUX2_VAE,
+        text_encoder=dict(  # the pipeline reads hidden states 10, 20 and 30: 30 layers at least
+            text_config=dict(
+                model_type="mistral",
+                vocab_size=0,
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=30,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                head_dim=8,
+            ),
+            vision_config=dict(
+                model_type="pixtral",
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                head_dim=8,
+                patch_size=16,
+                image_size=32,
+            ),
+        ),
+        scheduler=_FLUX2_SCHEDULER,
+        defaults=dict(_TINY_LLM_DEFAULTS, max_sequence_length=128),  # its system message alone is ~90 tokens here
+    ),
+    "tiny-flux2-klein": LLMPipelineSpec(
+        family="flux2-klein",
+        transformer=dict(_TINY_FLUX2, guidance_embeds=False),
+        vae=_TINY_FLUX2_VAE,
+        # the pipeline reads hidden states 9, 18 and 27: 27 layers at least
+        text_encoder=_qwen3(16, 32, 27, 2, 1, 8, vocab=0),
+        scheduler=_FLUX2_SCHEDULER,
+        defaults=_TINY_LLM_DEFAULTS,
+    ),
     "tiny-qwenimage": LLMPipelineSpec(
         family="qwenimage",
         transformer=dict(
@@ -453,6 +542,13 @@ _QWEN_CHAT_TEMPLATE = (
 )
 
 
+# FLUX.2-dev's messages carry their text as [{"type": "text", "text": ...}] content lists.
+_MISTRAL_CHAT_TEMPLATE = (
+    "{% for m in messages %}[{{ m['role'] }}]{% for c in m['content'] %}{{ c['text'] }}{% endfor %}[/{{ m['role'] }}]"
+    "{% endfor %}"
+)
+
+
 def qwen_tokenizer(vocab_size: int = 512):
     """A Qwen2 byte-level BPE tokenizer trained on the world's words, with the ChatML special tokens and
     chat template the Z-Image / Qwen-Image pipelines use; ``<|endoftext|>`` pads."""
@@ -484,7 +580,7 @@ def qwen_tokenizer(vocab_size: int = 512):
 
 
 def build_llm_pipeline(spec: LLMPipelineSpec | str, seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32):
-    """A randomly initialised ``ZImagePipeline`` / ``QwenImagePipeline`` of ``spec`` (an :data:`LLM_SPECS`
+    """A randomly initialised ``ZImagePipeline`` / ``QwenImagePipeline`` / ``Flux2Pipeline`` / ``Flux2KleinPipeline`` of ``spec`` (an :data:`LLM_SPECS`
     name or a spec); VAE in float32. Saved with :func:`save_pipeline`, it loads through ``load_backend``."""
     import diffusers
     import transformers
@@ -502,6 +598,31 @@ def build_llm_pipeline(spec: LLMPipelineSpec | str, seed: int = 0, device="cpu",
             transformer = diffusers.ZImageTransformer2DModel(**spec.transformer)
             vae = diffusers.AutoencoderKL(**spec.vae)
             pipeline = diffusers.ZImagePipeline
+        elif spec.family.startswith("flux2"):
+            if spec.family == "flux2":  # Mistral-3 with a Pixtral processor (text only is used)
+                text = dict(spec.text_encoder["text_config"])
+                text["vocab_size"] = text["vocab_size"] or len(tokenizer)
+                config = transformers.Mistral3Config(text_config=text, vision_config=spec.text_encoder["vision_config"])
+                text_encoder = transformers.Mistral3ForConditionalGeneration(config)
+                tokenizer = transformers.PixtralProcessor(
+                    image_processor=transformers.PixtralImageProcessor(),
+                    tokenizer=tokenizer,
+                    patch_size=spec.text_encoder["vision_config"]["patch_size"],
+                    chat_template=_MISTRAL_CHAT_TEMPLATE,
+                )
+                pipeline = diffusers.Flux2Pipeline
+            else:
+                config = transformers.Qwen3Config(
+                    **dict(spec.text_encoder, vocab_size=spec.text_encoder["vocab_size"] or len(tokenizer))
+                )
+                text_encoder = transformers.Qwen3ForCausalLM(config)
+                pipeline = diffusers.Flux2KleinPipeline
+            transformer = diffusers.Flux2Transformer2DModel(**spec.transformer)
+            vae_config = {k: v for k, v in spec.vae.items() if k not in ("scaling_factor", "shift_factor")}
+            vae = diffusers.AutoencoderKLFlux2(**vae_config)
+            # non-trivial latent statistics, so that tests see the normalisation
+            vae.bn.running_mean.normal_(0.0, 0.5)
+            vae.bn.running_var.uniform_(0.5, 2.0)
         else:
             text = dict(spec.text_encoder["text_config"])
             text["vocab_size"] = text["vocab_size"] or len(tokenizer)

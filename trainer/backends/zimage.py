@@ -40,9 +40,8 @@ ZIMAGE_DEFAULTS: dict[str, Any] = {
 
 def padded_embeds(embeds: list[torch.Tensor], length: int) -> PromptEmbeds:
     """Per-prompt token embeddings ``[L_i, D]`` → ``embeds`` ``[B, length, D]`` (zero padded at the end)
-    and the token mask ``[B, length]`` (float, 1.0 = real token) in ``pooled``."""
-    if any(e.shape[0] > length for e in embeds):
-        raise PECError(f"a prompt encodes to more than max_sequence_length={length} tokens")
+    and the token mask ``[B, length]`` (float, 1.0 = real token) in ``pooled``. The pipelines' encoders
+    truncate at ``length`` already."""
     out = embeds[0].new_zeros(len(embeds), length, embeds[0].shape[-1])
     mask = torch.zeros(len(embeds), length, device=out.device)
     for i, e in enumerate(embeds):
