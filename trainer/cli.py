@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds", type=_parse_seeds, default=_parse_seeds("0-7"), help="seeds, e.g. 0-7 or 1,5,9 (default 0-7)"
     )
     p.add_argument("--model", help="diffusers pipeline directory or hub id (default: the embedded tiny model)")
-    p.add_argument("--family", choices=["sd3", "flux"], help="model family, needed for hub ids")
+    p.add_argument("--family", help="model family, needed for hub ids (an unknown one is an error that lists them)")
     p.add_argument("--lora", help="LoRA .safetensors to apply")
     p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")

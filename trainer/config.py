@@ -40,7 +40,9 @@ class ModelConfig(_Section):
         description="diffusers pipeline dir or hub id, or a single-file transformer checkpoint (.safetensors, "
         "needs model.base); null = the embedded tiny model",
     )
-    family: str | None = Field(None, description="model family (sd3, flux); detected from model_index.json")
+    family: str | None = Field(
+        None, description="model family (trainer.backends.FAMILIES); detected from model_index.json"
+    )
     base: str | None = Field(
         None,
         description="single-file checkpoints only: the diffusers pipeline (hub id or dir) of the same architecture "

@@ -116,7 +116,7 @@ def add_cli(subparsers) -> None:
         "runs/pec/lora.safetensors --out evals/study && pec compare evals/study",
     )
     p.add_argument("--model", help="diffusers pipeline directory or hub id (default: the embedded tiny model)")
-    p.add_argument("--family", choices=["sd3", "flux"], help="model family, needed for hub ids")
+    p.add_argument("--family", help="model family, needed for hub ids (an unknown one is an error that lists them)")
     p.add_argument(
         "--lora",
         nargs="+",
