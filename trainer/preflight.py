@@ -532,11 +532,20 @@ def estimate(config: Config, checked: Checked) -> Estimate:
     tr = checked.transformer
     cfg = tr.config
     params = {"transformer": sum(p.numel() for p in tr.parameters()), **_component_params(config, family)}
+    uncounted = []
     for term in config.rewards:
+        count = None
         if term.name in ("pickscore", "clip_score"):
             count = _tower_params(term.path or _reward_source(term.name), term.name)
-            if count:
-                params[f"reward {term.name}"] = count
+        if count:
+            params[f"reward {term.name}"] = count
+        elif _reward_source(term.name) is not None:
+            uncounted.append(f"reward {term.name}")
+    pick = next((term for term in config.rewards if term.name == "pickscore"), None)
+    # the PickScore reward and encoder of the same weights are one tower (comfy_pec.encoders.shared_tower)
+    shared = config.pec.encoder == "pickscore" and pick is not None and config.pec.encoder_path in (None, pick.path)
+    if config.pec.encoder != "toy" and not shared:
+        uncounted.append(f"encoder {config.pec.encoder}")
     width = cfg.num_attention_heads * cfg.attention_head_dim
     blocks = cfg.num_layers + getattr(cfg, "num_single_layers", 0)
     defaults = _model_defaults(config, family)
@@ -579,6 +588,8 @@ def estimate(config: Config, checked: Checked) -> Estimate:
         f"micro-batch {t.batch_size} x {branches} branch(es); {samples} samples x {steps} steps, "
         f"{trained} trained step(s) per sample",
     ]
+    if uncounted:
+        notes.append(f"not in the memory estimate (no config to count from): {', '.join(uncounted)}")
     return Estimate(
         params,
         tokens,
