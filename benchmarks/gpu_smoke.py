@@ -177,6 +177,14 @@ def run_model(name: str, args, folder: Path, reward_dir: Path, encoder_dir: Path
     )
     if device == "cuda":
         print(f"   GPU memory after building: {static:.1f} GiB")
+    if not args.tiny:  # the plan counts the published configs, which the tiny models are not
+        from trainer.preflight import check_before_loading, estimate
+
+        est = estimate(config, check_before_loading(config))
+        print(
+            f"   pec train --dry-run's estimate for this config: peak {est.peak / 2**30:.1f} GiB, "
+            f"{est.seconds:.1f} s per iteration (transformer FLOPs at an assumed throughput)"
+        )
 
     train(config, backend=backend)
     for row in read_log(Path(config.run.dir)):

@@ -74,3 +74,15 @@ def test_presets_name_the_builtin_sets():
     for preset in ("sd35m-pickscore", "flux-dev-pickscore"):
         prompts = load_config(preset).prompts
         assert (prompts.train, prompts.eval) == ("pec-train", "pec-heldout") and prompts.train in PRESETS
+
+
+def test_prompt_set_files_are_package_data():
+    """An installed `pec` must find the sets: every file in trainer/prompt_sets matches a package-data glob."""
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    root = SET_DIR.parent.parent
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["trainer"]
+    for file in SET_DIR.iterdir():
+        relative = file.relative_to(SET_DIR.parent).as_posix()
+        assert any(fnmatch.fnmatch(relative, g) for g in globs), relative

@@ -31,7 +31,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 #: Korthikanti et al. 2022 (eq. 2) with memory-efficient attention: a transformer block keeps ≈ 34·L·d
 #: bytes of 16-bit activations per sample for its backward pass (L tokens, width d).
 BLOCK_ACTIVATION_BYTES = 34
-#: a VAE decoder keeps about this many float32 maps of its widest full-resolution stage (128 channels) alive.
+#: a VAE decoder keeps about this many float32 maps of its full-resolution stage alive (128 channels published).
 VAE_LIVE_MAPS = 4
 #: throughput assumed for the time estimate: 40 % of an H100's dense bf16 peak (989 TFLOP/s).
 ASSUMED_FLOPS = 0.4 * 989e12
@@ -509,8 +509,9 @@ def _model_defaults(config: Config, family: str) -> dict[str, Any]:
     if config.model.max_sequence_length is not None:
         defaults["max_sequence_length"] = config.model.max_sequence_length
     vae = directory / "vae" / "config.json" if directory is not None else None
-    blocks = len(json.loads(vae.read_text())["block_out_channels"]) if vae is not None and vae.is_file() else 4
-    defaults["vae_factor"] = 2 ** (blocks - 1)
+    # the published VAEs: 4 stages (8x down-sampling), 128 channels at full resolution
+    widths = json.loads(vae.read_text())["block_out_channels"] if vae is not None and vae.is_file() else [128] * 4
+    defaults["vae_factor"], defaults["vae_width"] = 2 ** (len(widths) - 1), widths[0]
     return defaults
 
 
@@ -523,7 +524,8 @@ def estimate(config: Config, checked: Checked) -> Estimate:
     * activations of one training micro-batch: per block ``34·L·d`` bytes (16-bit) per sample, all
       blocks without gradient checkpointing, one recomputed block plus every block's input with it;
       SD3 with CFG runs both branches in one forward (2× batch);
-    * VAE decode of a ``pec.chunk_size`` chunk: ``VAE_LIVE_MAPS`` float32 maps of 128 × H × W per image;
+    * VAE decode of a ``pec.chunk_size`` chunk: ``VAE_LIVE_MAPS`` float32 maps of C × H × W per image (C: the
+      VAE's full-resolution width, 128);
     * peak = weights + LoRA + max(activations, decode), + 10 % allocator slack;
     * time: transformer FLOPs ``2·P·L`` per sample-step forward plus attention ``4·L²·d`` per block,
       backward 2× forward (+1 forward recomputed with checkpointing), at :data:`ASSUMED_FLOPS`.
@@ -532,11 +534,20 @@ def estimate(config: Config, checked: Checked) -> Estimate:
     tr = checked.transformer
     cfg = tr.config
     params = {"transformer": sum(p.numel() for p in tr.parameters()), **_component_params(config, family)}
+    uncounted = []
     for term in config.rewards:
+        count = None
         if term.name in ("pickscore", "clip_score"):
             count = _tower_params(term.path or _reward_source(term.name), term.name)
-            if count:
-                params[f"reward {term.name}"] = count
+        if count:
+            params[f"reward {term.name}"] = count
+        elif _reward_source(term.name) is not None:
+            uncounted.append(f"reward {term.name}")
+    pick = next((term for term in config.rewards if term.name == "pickscore"), None)
+    # the PickScore reward and encoder of the same weights are one tower (comfy_pec.encoders.shared_tower)
+    shared = config.pec.encoder == "pickscore" and pick is not None and config.pec.encoder_path in (None, pick.path)
+    if config.pec.encoder != "toy" and not shared:
+        uncounted.append(f"encoder {config.pec.encoder}")
     width = cfg.num_attention_heads * cfg.attention_head_dim
     blocks = cfg.num_layers + getattr(cfg, "num_single_layers", 0)
     defaults = _model_defaults(config, family)
@@ -564,7 +575,7 @@ def estimate(config: Config, checked: Checked) -> Estimate:
         activations = blocks * tokens * width * batch * dtype + per_block
     else:
         activations = blocks * per_block
-    decode = VAE_LIVE_MAPS * 128 * resolution * resolution * 4 * config.pec.chunk_size
+    decode = VAE_LIVE_MAPS * defaults["vae_width"] * resolution * resolution * 4 * config.pec.chunk_size
     peak = int(1.1 * (weights + lora_states + max(activations, decode)))
 
     steps = int(defaults["num_steps"])
@@ -579,6 +590,8 @@ def estimate(config: Config, checked: Checked) -> Estimate:
         f"micro-batch {t.batch_size} x {branches} branch(es); {samples} samples x {steps} steps, "
         f"{trained} trained step(s) per sample",
     ]
+    if uncounted:
+        notes.append(f"not in the memory estimate (no config to count from): {', '.join(uncounted)}")
     return Estimate(
         params,
         tokens,
