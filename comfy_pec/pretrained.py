@@ -87,3 +87,13 @@ def resolve_file(name: PathLike, filename: str, what: str, url: str | None = Non
         return Path(hf_hub_download(str(name), filename))
     except Exception as err:  # network, offline mode, missing repo/file: one readable message
         raise PECError(f"{what}: cannot fetch {filename} from {url or name} ({str(err).splitlines()[0]})") from None
+
+
+def dtype_option(dtype) -> dict:
+    """The load-precision keyword of this diffusers: ``dtype=`` where it exists (``torch_dtype`` is deprecated
+    there, with a FutureWarning), ``torch_dtype=`` on older releases. ``dtype`` may be a dict per component
+    (``{"vae": torch.float32, "default": torch.bfloat16}``)."""
+    from diffusers.utils import deprecation_utils
+
+    # _resolve_dtype arrived with the dtype= keyword: its presence is the feature, whatever the version string.
+    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}

@@ -25,6 +25,7 @@ import json
 from pathlib import Path
 
 from .. import PECError
+from ..pretrained import dtype_option
 
 __all__ = ["EmbeddedClip", "EmbeddedVae", "embedded_folder", "load_embedded", "load_embedded_model"]
 
@@ -164,7 +165,7 @@ def load_embedded():
     folder = embedded_folder()
     defaults = json.loads((folder / "pec.json").read_text())
     pipe = StableDiffusion3Pipeline.from_pretrained(
-        str(folder), text_encoder_3=None, tokenizer_3=None, torch_dtype=torch.float32
+        str(folder), text_encoder_3=None, tokenizer_3=None, **dtype_option(torch.float32)
     )
     clip = EmbeddedClip(pipe, int(defaults["max_sequence_length"]))
     return load_embedded_model(folder), clip, EmbeddedVae(pipe.vae)

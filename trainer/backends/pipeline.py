@@ -24,6 +24,7 @@ import torch
 
 from comfy_pec import PECError
 from comfy_pec.lora_format import guess_architecture
+from comfy_pec.pretrained import dtype_option
 
 from .base import Backend, PromptEmbeds, load_lora_for, read_defaults
 
@@ -33,16 +34,6 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth")
 
 def is_single_file(path_or_id: str) -> bool:
     return path_or_id.lower().endswith(SINGLE_FILE_SUFFIXES)
-
-
-def dtype_option(dtype) -> dict[str, Any]:
-    """The load-precision keyword of this diffusers: ``dtype=`` where it exists (``torch_dtype`` is deprecated
-    there, with a FutureWarning), ``torch_dtype=`` on older releases. ``dtype`` may be a dict per component
-    (``{"vae": torch.float32, "default": torch.bfloat16}``)."""
-    from diffusers.utils import deprecation_utils
-
-    # _resolve_dtype arrived with the dtype= keyword: its presence is the feature, whatever the version string.
-    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
 
 
 class PromptCache:

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from comfy_pec.pretrained import dtype_option
+
 from ..backends import EMBEDDED_MODEL
 from ..backends.random_init import PipelineSpec
 from ..world.vocabulary import MODEL_MAX_LENGTH, tokenizer_files
@@ -125,7 +127,7 @@ def load_pipeline(directory: str | Path = DEFAULT_MODEL_DIR, dtype: torch.dtype 
 
     # T5 is absent: SD3 lists it as a required component, so it is passed as None explicitly
     pipe = StableDiffusion3Pipeline.from_pretrained(
-        str(directory), torch_dtype=dtype, text_encoder_3=None, tokenizer_3=None, local_files_only=True
+        str(directory), text_encoder_3=None, tokenizer_3=None, local_files_only=True, **dtype_option(dtype)
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
