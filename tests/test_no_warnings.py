@@ -33,7 +33,7 @@ def test_demo_and_sample_with_its_lora_print_no_warnings(tmp_path):
     run = tmp_path / "demo"
     small = ["train.iterations=1", "train.prompts_per_iteration=2", "report.grid_prompts=1", "report.grid_seeds=[0, 1]"]
     _quiet_run("demo", "--set", f"run.dir={run}", *[a for s in small for a in ("--set", s)])
-    lora = run / "lora.safetensors"
+    lora = run / "pec" / "lora.safetensors"  # the side-by-side demo trains flow-grpo/ and pec/
     assert lora.is_file()
     out = _quiet_run(
         "sample", "--lora", str(lora), "--prompt", "a red circle", "--seeds", "0-1", "--out", str(tmp_path / "s.png")
