@@ -6,13 +6,12 @@ in a fresh diffusers pipeline and in ComfyUI 0.8.0 ($COMFYUI_PATH), `pec inspect
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tiny_models as tm
 import torch
-import yaml
+from test_backends_real import PROMPTS, _config, _redness
 
 from comfy_pec import PECError
 from comfy_pec.lora_format import ARCHITECTURES, inspect_lora, load_lora, lora_key_coverage
@@ -26,7 +25,6 @@ from trainer.backends.qwenimage import QwenImageBackend
 from trainer.backends.random_init import LLM_SPECS, build_llm_pipeline, save_pipeline
 from trainer.backends.zimage import ZImageBackend
 from trainer.checkpoint import latest_checkpoint, load_state
-from trainer.config import load_config
 from trainer.runlog import read_log
 from trainer.train import train
 
@@ -38,7 +36,6 @@ FAMILIES = {
     "flux2-klein": ("tiny-flux2-klein", "flux2-klein-pickscore", Flux2KleinBackend, "flux2-klein"),
 }
 FLUX2 = ("flux2", "flux2-klein")
-PROMPTS = ["a red circle", "a blue square on the left", "a green star"]
 
 
 @pytest.fixture(scope="module")
@@ -167,45 +164,6 @@ def test_schedule_is_the_scheduler(model_dirs, family, size):
 
 
 # ----------------------------------------------------------------------------- one PEC iteration
-
-
-def _redness(images, prompts):
-    return images[:, 0].mean((1, 2)) - images[:, 1].mean((1, 2))
-
-
-def _config(preset: str, model_dir: str, run_dir: Path):
-    """The family's real preset with tiny sizes: 2 prompts x 2 samples, 3 steps, 1 iteration, rank 4."""
-    values = {
-        "model.path": model_dir,
-        "model.dtype": "float32",
-        "model.device": "cpu",
-        "run.dir": str(run_dir),
-        "run.progress": False,
-        "run.tensorboard": "off",
-        "rewards": [{"name": "test_redness"}],
-        "pec.encoder": "toy",
-        "pec.chunk_size": 8,
-        "prompts.train": PROMPTS[:2],
-        "prompts.eval": PROMPTS[:1],
-        "sampling.resolution": 32,
-        "sampling.num_steps": 3,
-        "lora.rank": 4,
-        "lora.alpha": 8,
-        "lora.init_scale": 0.05,
-        "train.iterations": 1,
-        "train.prompts_per_iteration": 2,
-        "train.group_size": 2,
-        "train.batch_size": 4,
-        "train.ema.enabled": False,
-        "checkpoint.every": 1,
-        "report.grid_prompts": 1,
-        "report.grid_seeds": [0],
-    }
-    overrides = [
-        f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-        for k, v in values.items()
-    ]
-    return load_config(preset, None, overrides)
 
 
 @pytest.fixture(scope="module")
