@@ -26,6 +26,14 @@ from .config import Config
 
 #: the published configs a plan falls back to when the model's own config.json is not available.
 REFERENCE_SPECS = {"sd3": "sd3.5-medium", "flux": "flux.1-dev"}
+#: the new families: diffusers transformer class and published-size spec in ``random_init.LLM_SPECS``
+#: (FLUX.2-klein has none: its plan needs the model's own config).
+LLM_FAMILIES = {
+    "zimage": ("ZImageTransformer2DModel", "z-image-turbo"),
+    "qwenimage": ("QwenImageTransformer2DModel", "qwen-image"),
+    "flux2": ("Flux2Transformer2DModel", "flux.2-dev"),
+    "flux2-klein": ("Flux2Transformer2DModel", None),
+}
 #: bytes of one value per dtype name.
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 #: Korthikanti et al. 2022 (eq. 2) with memory-efficient attention: a transformer block keeps ≈ 34·L·d
@@ -115,6 +123,8 @@ def meta_transformer(config: Config, family: str) -> tuple[Any, str]:
 
     from .backends.random_init import SPECS
 
+    if family in LLM_FAMILIES:
+        return _meta_llm_transformer(config, family)
     cls = getattr(diffusers, "SD3Transformer2DModel" if family == "sd3" else "FluxTransformer2DModel")
     directory = _model_dir(config)
     if directory is not None and (directory / "transformer" / "config.json").is_file():
@@ -123,6 +133,35 @@ def meta_transformer(config: Config, family: str) -> tuple[Any, str]:
         name = REFERENCE_SPECS[family]
         settings, origin = SPECS[name].transformer, f"the published {name} config (model config not on this machine)"
     with init_empty_weights(include_buffers=True):  # SD3's sin-cos table alone would be ~1 GB
+        return cls.from_config(settings), origin
+
+
+def _meta_llm_transformer(config: Config, family: str) -> tuple[Any, str]:
+    """:func:`meta_transformer` for the :data:`LLM_FAMILIES`: the local config, else the published size."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    from .backends.random_init import LLM_SPECS
+
+    cls_name, name = LLM_FAMILIES[family]
+    cls = getattr(diffusers, cls_name)
+    directory = _model_dir(config)
+    if directory is not None and (directory / "transformer" / "config.json").is_file():
+        settings, origin = cls.load_config(str(directory), subfolder="transformer"), f"{directory}/transformer"
+    elif name is None:
+        missing = locate("model", config.model.base or config.model.path, config.model.revision, "model.path")
+        if not missing.available:  # the actionable message first: the model is not on this machine
+            raise PECError(missing.problem)
+        raise PECError(
+            f"model.path {config.model.path!r}: family {family} has no published-size config here, so the plan "
+            "cannot size it; point model.path at a local diffusers pipeline directory"
+        )
+    else:
+        settings, origin = (
+            LLM_SPECS[name].transformer,
+            f"the published {name} config (model config not on this machine)",
+        )
+    with init_empty_weights(include_buffers=True):
         return cls.from_config(settings), origin
 
 
@@ -619,7 +658,7 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
 
 
-def format_plan(config: Config, checked: Checked, items: list[Resource], est: Estimate) -> str:
+def format_plan(config: Config, checked: Checked, items: list[Resource], est: Estimate | None) -> str:
     """The dry-run plan as text: prompts, weights (where they come from), LoRA, estimates, verdict."""
     m, t = config.model, config.train
     lines = [
@@ -637,16 +676,21 @@ def format_plan(config: Config, checked: Checked, items: list[Resource], est: Es
     lines += [
         f"  LoRA: rank {config.lora.rank} on {', '.join(config.lora.targets)}: {_count(checked.lora_params)} params; "
         f"checkpoints need ~{_gb(checked.checkpoint_bytes)} ({_gb(checked.free_bytes)} free in {config.run.dir})",
-        "  parameters: " + ", ".join(f"{k} {_count(v)}" for k, v in est.params.items()),
-        f"  estimate (from the configs, not measured): peak GPU memory ~{_gb(est.peak)} = weights {_gb(est.weights)}"
-        f" + LoRA/AdamW {_gb(est.lora_states)} + max(training activations {_gb(est.activations)}, "
-        f"VAE decode of {config.pec.chunk_size} images {_gb(est.decode)}) + 10 %",
-        f"    dtype {m.dtype}, gradient checkpointing {'on' if m.gradient_checkpointing else 'off'}, "
-        f"text encoders {'offloaded' if m.offload_text_encoders else 'on the GPU'}",
-        f"  estimate: ~{est.flops / 1e15:.1f} PFLOP per iteration (transformer only) -> ~{est.seconds:.0f} s at "
-        f"{ASSUMED_FLOPS / 1e12:.0f} TFLOP/s effective; {t.iterations} iterations ~{est.seconds * t.iterations / 3600:.1f} h",
-        *(f"    {note}" for note in est.notes),
     ]
+    if est is None:
+        lines.append(f"  estimate: none for family {checked.family} yet (the memory/FLOP model covers sd3 and flux)")
+    else:
+        lines += [
+            "  parameters: " + ", ".join(f"{k} {_count(v)}" for k, v in est.params.items()),
+            f"  estimate (from the configs, not measured): peak GPU memory ~{_gb(est.peak)} = weights {_gb(est.weights)}"
+            f" + LoRA/AdamW {_gb(est.lora_states)} + max(training activations {_gb(est.activations)}, "
+            f"VAE decode of {config.pec.chunk_size} images {_gb(est.decode)}) + 10 %",
+            f"    dtype {m.dtype}, gradient checkpointing {'on' if m.gradient_checkpointing else 'off'}, "
+            f"text encoders {'offloaded' if m.offload_text_encoders else 'on the GPU'}",
+            f"  estimate: ~{est.flops / 1e15:.1f} PFLOP per iteration (transformer only) -> ~{est.seconds:.0f} s at "
+            f"{ASSUMED_FLOPS / 1e12:.0f} TFLOP/s effective; {t.iterations} iterations ~{est.seconds * t.iterations / 3600:.1f} h",
+            *(f"    {note}" for note in est.notes),
+        ]
     missing = [i for i in items if not i.available]
     lines.append(
         "  ready: everything is available"
@@ -660,7 +704,8 @@ def plan(config: Config) -> tuple[str, bool]:
     """(the plan's text, whether everything is available) — ``pec train --dry-run``."""
     checked = check_before_loading(config)
     items = resources(config, checked.family)
-    text = format_plan(config, checked, items, estimate(config, checked))
+    est = None if checked.family in LLM_FAMILIES else estimate(config, checked)
+    text = format_plan(config, checked, items, est)
     return text, all(i.available for i in items)
 
 
