@@ -75,7 +75,7 @@ def test_load_through_the_real_path(model_dirs, family):
 def _pipeline_latents(backend, family: str, noise: torch.Tensor, steps: int, guidance: float) -> torch.Tensor:
     """The diffusers pipeline's own sampling loop from ``noise`` (our layout), output in our layout."""
     pipe = backend.pipe
-    if family == "zimage":
+    if family == "zimage" or family in FLUX2:  # both take our layout
         out = pipe(
             prompt=PROMPTS[:2],
             latents=noise,
@@ -86,19 +86,8 @@ def _pipeline_latents(backend, family: str, noise: torch.Tensor, steps: int, gui
             max_sequence_length=backend.max_sequence_length,
             output_type="latent",
         ).images
-        return out
-    if family in FLUX2:  # takes our layout; klein returns the VAE latent (batch-norm undone, patches unfolded)
-        out = pipe(
-            prompt=PROMPTS[:2],
-            latents=noise,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=32,
-            width=32,
-            max_sequence_length=backend.max_sequence_length,
-            output_type="latent",
-        ).images
-        return out if family == "flux2-klein" else out.transpose(1, 2).reshape(noise.shape)  # dev: the tokens
+        # Z-Image and klein return the VAE latent (klein: batch-norm undone, patches unfolded); dev the tokens.
+        return out if family in ("zimage", "flux2-klein") else out.transpose(1, 2).reshape(noise.shape)
     tokens = noise.flatten(2).transpose(1, 2)  # the packed sequence the pipeline carries
     out = pipe(
         prompt=PROMPTS[:2],

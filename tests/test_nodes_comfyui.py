@@ -257,9 +257,7 @@ def test_perceptual_entropy_node_probes_one_step(comfy, sd3, encoder):
             return torch.sigmoid(samples[:, :3]).movedim(1, -1)
 
     sigmas = comfy[0].samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 6)
-    entropy, energy, vendi, report, draws = run(
-        comfy,
-        "PECPerceptualEntropy",
+    probe = dict(
         guider=guider,
         sigmas=sigmas,
         latent_image={"samples": latent},
@@ -270,25 +268,11 @@ def test_perceptual_entropy_node_probes_one_step(comfy, sd3, encoder):
         method="flow_sde",
         noise_level=0.7,
         repeats=4,
-        decode="noisy",
     )
+    entropy, energy, vendi, report, draws = run(comfy, "PECPerceptualEntropy", **probe, decode="noisy")
     assert draws.shape == (4 * 2, 8, 8, 3)
     assert energy > 0 and 1.0 <= vendi <= 4.0 and "step 2" in report
-    again = run(
-        comfy,
-        "PECPerceptualEntropy",
-        guider=guider,
-        sigmas=sigmas,
-        latent_image={"samples": latent},
-        noise_seed=3,
-        vae=TinyVae(),
-        encoder=encoder,
-        step=2,
-        method="flow_sde",
-        noise_level=0.7,
-        repeats=4,
-        decode="x0",
-    )
+    again = run(comfy, "PECPerceptualEntropy", **probe, decode="x0")
     assert again[0] != entropy
 
 

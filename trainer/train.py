@@ -66,7 +66,8 @@ def train(config: Config, resume: bool = True, progress: bool | None = None, bac
     t, group, parallel, methods = config.train, config.train.group_size, setup.parallel, run.methods
     log = _open_log(config, setup.run_dir, run.start) if parallel.is_main else None
     nan_streak = 0  # iterations in a row with a NaN reward (restarts at 0 on resume)
-    bar = tqdm(range(run.start, t.iterations), desc="train", disable=not setup.progress, initial=run.start)
+    iterations = range(run.start, t.iterations)
+    bar = tqdm(iterations, desc="train", disable=not setup.progress, initial=run.start, total=t.iterations)
     for it in bar:
         _probe(setup, run, it, t.iterations, log)
         for method in methods:

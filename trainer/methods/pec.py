@@ -13,12 +13,11 @@ from typing import Any
 
 import torch
 
-from comfy_pec.diversity import vendi_score
 from comfy_pec.perceptual import adaptive_beta, pcvae_gain, pcvae_penalty, pec_bonus
 from comfy_pec.sde import stochastic_steps
 
 from ..lora import lora_disabled
-from ..perceptual import embed_latents
+from ..metrics import image_batches, score_images
 from ..rollout import Schedule, iteration_rng, perceive, rollout
 from ..sampling import sample_images
 from .base import Method, RunContext, ShapeInputs
@@ -67,6 +66,13 @@ class PEC(Method):
 
     def setup(self, run: RunContext) -> None:
         self._run = run
+        if self.auto is not None:
+            # The probe's prompts and seeds, drawn once for the run from its own generator (-1 is PCVAE's).
+            gen = iteration_rng(run.seed, -2)
+            chosen = torch.randperm(len(run.prompts), generator=gen)[: self.auto.prompts].tolist()
+            seeds = torch.randint(2**31, (self.auto.seeds,), generator=gen).tolist()
+            self._probe_prompts = [run.prompts[c] for c in chosen for _ in seeds]
+            self._probe_seeds = [x for _ in chosen for x in seeds]
 
     def begin_iteration(self, iteration: int) -> None:
         self._log = {}
@@ -87,25 +93,23 @@ class PEC(Method):
 
     @torch.no_grad()
     def _probe_vendi(self) -> float:
-        """Mean per-prompt Vendi (perceptual space) of ODE samples of fixed training prompts and seeds, drawn
-        once from the run's seed — free of the training rollout's window and prompt draws."""
-        run, a = self._run, self.auto
-        gen = iteration_rng(run.seed, -2)  # -1 is PCVAE's calibration draw
-        chosen = torch.randperm(len(run.prompts), generator=gen)[: a.prompts].tolist()
-        seeds = torch.randint(2**31, (a.seeds,), generator=gen).tolist()
-        prompts = [run.prompts[c] for c in chosen]
-        s = run.settings
+        """Mean per-prompt Vendi (perceptual space) of the current policy's ODE samples of the probe's fixed
+        training prompts and seeds — free of the training rollout's window and prompt draws."""
+        run, s = self._run, self._run.settings
+        prompts, seeds = self._probe_prompts, self._probe_seeds
         images = sample_images(
             run.backend,
-            [p for p in prompts for _ in seeds],
-            [x for _ in prompts for x in seeds],
+            prompts,
+            seeds,
             resolution=s.resolution,
             guidance_scale=s.guidance,
             batch_size=s.batch_size,
             progress=False,
         )
-        feats = embed_latents(lambda x: x, run.encoder, images.to(run.backend.device), s.batch_size).cpu()
-        return float(vendi_score(feats.reshape(len(prompts), len(seeds), -1)).mean())
+        batches = image_batches(images, prompts, s.batch_size)
+        num_prompts = len(prompts) // self.auto.seeds
+        metrics, _ = score_images(batches, num_prompts, {}, {"probe": run.encoder}, run.backend.device)
+        return float(metrics["vendi/probe"].mean())
 
     def shape(self, rewards: torch.Tensor, inputs: ShapeInputs) -> torch.Tensor:
         bonus = pec_bonus(inputs.stats.energy, inputs.group_size, self.step_norm, clip=self.bonus_clip)
