@@ -15,7 +15,15 @@ import torch
 
 from . import PECError
 
-__all__ = ["adaptive_beta", "perceptual_energy", "perceptual_entropy", "pcvae_gain", "pcvae_penalty", "pec_bonus"]
+__all__ = [
+    "adaptive_beta",
+    "decoupled_reward",
+    "perceptual_energy",
+    "perceptual_entropy",
+    "pcvae_gain",
+    "pcvae_penalty",
+    "pec_bonus",
+]
 
 
 Std = float | torch.Tensor
@@ -108,6 +116,25 @@ def pec_bonus(
         if clip is not None:
             e = e.clamp(-clip, clip)
     return e.mean(dim=1)
+
+
+def decoupled_reward(rewards: torch.Tensor, bonus: torch.Tensor, beta: float, group_size: int, eps: float = 1e-4):
+    """PEC's decoupled combination: ``r̃ = (r - mean_group(r)) / (std_group(r) + eps) + β·b``.
+
+    The task reward is z-scored within its group before the bonus ``b`` (:func:`pec_bonus`, itself in
+    group z-score units) is added, so β is the bonus's weight relative to the reward's own in-group
+    spread in every group: with the plain sum ``r + β·b`` a group whose rewards barely differ is ranked
+    by the bonus alone and one with a wide spread by the reward alone. ``rewards`` and ``bonus`` are
+    ``[N]``, group-contiguous; a non-finite reward stays non-finite (its group is dropped later). → ``[N]``.
+    """
+    if rewards.shape != bonus.shape or rewards.dim() != 1 or rewards.shape[0] % group_size:
+        raise PECError(
+            f"rewards and bonus must both be [N] with N a multiple of group_size {group_size}, "
+            f"got {tuple(rewards.shape)} and {tuple(bonus.shape)}"
+        )
+    r = rewards.float().reshape(-1, group_size)
+    z = (r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, unbiased=False, keepdim=True) + eps)
+    return z.reshape(-1) + beta * bonus.float()
 
 
 def adaptive_beta(beta: float, diversity: float, reference: float, target: float, lr: float, lo: float, hi: float):

@@ -1,17 +1,22 @@
-"""Flow-GRPO vs PEC on the embedded world: does perceptual-entropy shaping keep the diversity?
+"""Flow-GRPO vs PEC on the embedded world: does perceptual-entropy shaping keep the diversity on every seed?
 
-    python studies/flow_grpo_vs_pec.py [--iterations 30] [--train-seeds 0 1 2] [--out runs/study_flow_grpo_vs_pec]
-                                       [--set KEY=VALUE ...]
+    python studies/flow_grpo_vs_pec.py --train-seeds 100 101 102 103 104 [--iterations N]
+                                       [--out runs/study_flow_grpo_vs_pec] [--set KEY=VALUE ...]
+                                       [--pec-set KEY=VALUE ...] [--tag NAME]
 
-Trains two LoRAs from the `demo` preset with the same seeds and budget — Flow-GRPO (no shaping) and
-PEC (default β) — then samples the base model and both LoRAs on the same training prompts and seeds
-(ODE) and prints a table: mean task reward, mean per-prompt Vendi in the toy-encoder space, and the
-targets of issue #4 (Flow-GRPO's Vendi ≥ 30% below the base; PEC keeps ≥ 80% of the base Vendi and
-reaches ≥ 70% of Flow-GRPO's reward gain). With several ``--train-seeds`` (``train.seed``: which
-prompts each iteration draws and every noise) each method is trained once per seed; the table has a
-row per seed and the mean, and the targets are checked on the means (one run is not a measurement:
-runs of the same method differ by more than the methods do). Writes `results.md` and `results.json`
-in --out.
+Trains Flow-GRPO (no shaping) and PEC from the `demo` preset, once per training seed (``train.seed``:
+which prompts each iteration draws and every noise), with the same budget; then samples the base model
+and every LoRA with the ODE at fixed seeds, on training prompts and on held-out prompts, and prints per
+seed and as means: task reward, mean per-prompt Vendi in the toy-encoder space, Vendi / base and PEC's
+reward gain as a share of the same seed's Flow-GRPO gain — with pass/fail of issue #18's targets:
+
+- every seed: Flow-GRPO Vendi ≤ 0.75× base; PEC Vendi ≥ 0.85× base and gain ≥ 60% of Flow-GRPO's;
+- means: PEC Vendi ≥ 0.90× base and gain ≥ 75%; on held-out prompts the means within 0.05 of that.
+
+Finished runs and their evaluations are reused, so runs can be trained by several invocations at once
+(disjoint ``--train-seeds``) and gathered by one more with all the seeds. ``--pec-set`` overrides PEC's
+runs only and ``--tag`` names them (``pec-<tag>_seed<N>``), so PEC variants share the Flow-GRPO runs.
+Writes ``results.md`` and ``results.json`` in --out.
 """
 
 from __future__ import annotations
@@ -21,108 +26,168 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from comfy_pec.encoders import load_encoder
 from trainer.backends import load_backend
 from trainer.config import load_config
+from trainer.demo import gain_share
 from trainer.prompts import resolve_prompts
 from trainer.report import evaluate_grid
 from trainer.rewards import build_reward
 from trainer.train import train
 
-METHODS = {"flow-grpo": ["pec.method=none"], "pec": ["pec.method=pec"]}
+#: issue #18's targets: per seed, on the means, and the slack of the held-out means
+PER_SEED = {"flow_grpo_vendi_max": 0.75, "pec_vendi_min": 0.85, "pec_gain_min": 0.60}
+MEANS = {"pec_vendi_min": 0.90, "pec_gain_min": 0.75}
+HELDOUT_SLACK = 0.05
+PER_SEED_KEYS = ("flow_grpo_vendi", "pec_vendi", "pec_gain")
 
 
-def evaluate(model_path, lora, prompts, seeds, reward_fn, encoder) -> dict:
-    """Base model (``lora=None``) or base + LoRA: the report's before/after measurement, without images."""
+def evaluate(model_path, lora, prompt_sets: dict[str, list[str]], seeds, reward_fn, encoder, cache: Path) -> dict:
+    """Reward and Vendi of the base model (``lora=None``) or base + LoRA per prompt set, cached in ``cache``."""
+    key = {"prompts": prompt_sets, "seeds": seeds}
+    if cache.exists():
+        saved = json.loads(cache.read_text())
+        if saved["key"] == key:
+            return saved["result"]
     backend = load_backend(model_path)
     if lora is not None:
         backend.load_lora(str(lora))
-    result = evaluate_grid(backend, prompts, seeds, encoder, reward_fn)
-    del result["images"]
+    result = {}
+    for name, prompts in prompt_sets.items():
+        r = evaluate_grid(backend, prompts, seeds, encoder, reward_fn)
+        result[name] = {"reward": r["reward"], "vendi": r["vendi"]}
+    cache.write_text(json.dumps({"key": key, "result": result}))
     return result
+
+
+def judge(base: dict, flow_grpo: dict, pec: dict) -> dict:
+    """One seed (or the means) on one prompt set: PEC's and Flow-GRPO's Vendi / base and PEC's gain share."""
+    return {
+        "flow_grpo_vendi": flow_grpo["vendi"] / base["vendi"],
+        "pec_vendi": pec["vendi"] / base["vendi"],
+        "pec_gain": gain_share(pec["reward"], base["reward"], flow_grpo["reward"]),
+    }
+
+
+def checks(per_seed: dict[int, dict], means: dict, slack: float) -> dict[str, bool]:
+    """Pass/fail of every target (``slack`` loosens the mean targets, for held-out prompts)."""
+    out = {}
+    for seed, j in per_seed.items():
+        out[f"seed {seed}: Flow-GRPO Vendi <= {PER_SEED['flow_grpo_vendi_max']:.2f}x base"] = (
+            j["flow_grpo_vendi"] <= PER_SEED["flow_grpo_vendi_max"]
+        )
+        out[f"seed {seed}: PEC Vendi >= {PER_SEED['pec_vendi_min']:.2f}x base"] = (
+            j["pec_vendi"] >= PER_SEED["pec_vendi_min"]
+        )
+        out[f"seed {seed}: PEC gain >= {PER_SEED['pec_gain_min']:.0%} of Flow-GRPO's"] = (
+            j["pec_gain"] >= PER_SEED["pec_gain_min"]
+        )
+    vendi_min, gain_min = MEANS["pec_vendi_min"] - slack, MEANS["pec_gain_min"] - slack
+    out[f"mean: PEC Vendi >= {vendi_min:.2f}x base"] = means["pec_vendi"] >= vendi_min
+    out[f"mean: PEC gain >= {gain_min:.0%} of Flow-GRPO's"] = means["pec_gain"] >= gain_min
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iterations", type=int, default=30)
+    parser.add_argument("--iterations", type=int, default=None, help="train.iterations (default: the preset's)")
     parser.add_argument("--prompts", type=int, default=8, help="training prompts evaluated")
-    parser.add_argument("--seeds", type=int, default=16, help="samples per prompt in the evaluation")
+    parser.add_argument("--heldout", type=int, default=6, help="held-out prompts evaluated")
+    parser.add_argument("--seeds", type=int, default=16, help="samples per prompt in the evaluation (seeds 1000...)")
     parser.add_argument("--train-seeds", type=int, nargs="+", default=[0], help="train.seed of each run per method")
     parser.add_argument("--out", default="runs/study_flow_grpo_vs_pec")
-    parser.add_argument("--set", action="append", default=[], help="extra config overrides for both methods")
+    parser.add_argument("--set", action="append", default=[], help="config override for both methods")
+    parser.add_argument("--pec-set", action="append", default=[], help="config override for PEC's runs only")
+    parser.add_argument("--tag", default="", help="names PEC's runs pec-<tag>_seed<N> (variants share Flow-GRPO)")
+    parser.add_argument(
+        "--only", choices=["flow-grpo", "pec"], help="train and evaluate this method's runs alone, print no table"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    base_cfg = load_config("demo", None, [f"train.iterations={args.iterations}", *args.set])
+    common = [*([f"train.iterations={args.iterations}"] if args.iterations else []), *args.set]
+    methods = {
+        "flow-grpo": ["pec.method=none"],
+        f"pec-{args.tag}" if args.tag else "pec": ["pec.method=pec", *args.pec_set],
+    }
+    base_cfg = load_config("demo", None, common)
     reward_fn = build_reward(base_cfg.rewards)
     encoder = load_encoder(base_cfg.pec.encoder)
-    prompts = resolve_prompts(base_cfg.prompts.train)[: args.prompts]
+    prompt_sets = {
+        "training": resolve_prompts(base_cfg.prompts.train)[: args.prompts],
+        "held-out": resolve_prompts(base_cfg.prompts.eval)[: args.heldout],
+    }
     seeds = list(range(1000, 1000 + args.seeds))
 
-    base = evaluate(base_cfg.model.path, None, prompts, seeds, reward_fn, encoder)
-    runs: dict[str, dict[int, dict]] = {name: {} for name in METHODS}
+    base = evaluate(base_cfg.model.path, None, prompt_sets, seeds, reward_fn, encoder, out / "base_eval.json")
+    runs: dict[str, dict[int, dict]] = {name: {} for name in methods}
     for train_seed in args.train_seeds:
-        for name, overrides in METHODS.items():
-            run_dir = out / (name if args.train_seeds == [0] else f"{name}_seed{train_seed}")
-            settings = [f"train.iterations={args.iterations}", f"train.seed={train_seed}", *args.set, *overrides]
-            cfg = load_config("demo", None, [*settings, f"run.dir={run_dir}"])
+        for name, overrides in methods.items():
+            if args.only and not name.startswith(args.only):
+                continue
+            run_dir = out / f"{name}_seed{train_seed}"
+            cfg = load_config("demo", None, [*common, f"train.seed={train_seed}", *overrides, f"run.dir={run_dir}"])
             start = time.perf_counter()
             train(cfg)
-            minutes = (time.perf_counter() - start) / 60
-            lora = run_dir / "lora.safetensors"
-            runs[name][train_seed] = {
-                **evaluate(cfg.model.path, lora, prompts, seeds, reward_fn, encoder),
-                "train_minutes": minutes,
-            }
-    means = {
-        name: {
-            key: sum(r[key] for r in per_seed.values()) / len(per_seed) for key in ("reward", "vendi", "train_minutes")
-        }
-        for name, per_seed in runs.items()
-    }
+            result = evaluate(
+                cfg.model.path,
+                run_dir / "lora.safetensors",
+                prompt_sets,
+                seeds,
+                reward_fn,
+                encoder,
+                run_dir / "study_eval.json",
+            )
+            runs[name][train_seed] = {**result, "minutes": (time.perf_counter() - start) / 60}
+    if args.only:
+        return
 
-    fg, pec = means["flow-grpo"], means["pec"]
-    fg_gain = fg["reward"] - base["reward"]
-    checks = {
-        "flow-grpo Vendi >= 30% below base": fg["vendi"] <= 0.7 * base["vendi"],
-        "pec keeps >= 80% of base Vendi": pec["vendi"] >= 0.8 * base["vendi"],
-        "pec reaches >= 70% of flow-grpo's reward gain": (pec["reward"] - base["reward"]) >= 0.7 * fg_gain,
-    }
+    fg_name, pec_name = methods
     lines = [
-        f"Embedded world, demo preset, {args.iterations} iterations each, train seeds {args.train_seeds}, "
-        f"{len(prompts)} training prompts x {len(seeds)} seeds (ODE).",
-        "",
-        "| model | train seed | task reward | Vendi (toy encoder) | Vendi / base | gain / Flow-GRPO's (mean) | train min |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-        f"| base | | {base['reward']:.4f} | {base['vendi']:.3f} | 1.00 | | |",
+        f"Embedded world, demo preset ({base_cfg.train.iterations} iterations; {' '.join(args.set) or 'defaults'}), "
+        f"PEC: {' '.join(args.pec_set) or 'defaults'}; train seeds {args.train_seeds}; evaluation: "
+        f"{len(prompt_sets['training'])} training and {len(prompt_sets['held-out'])} held-out prompts x "
+        f"{len(seeds)} seeds (ODE).",
     ]
-
-    def row(name: str, seed: str, r: dict) -> str:
-        gain = (r["reward"] - base["reward"]) / fg_gain if fg_gain else float("nan")
-        return (
-            f"| {name} | {seed} | {r['reward']:.4f} | {r['vendi']:.3f} | {r['vendi'] / base['vendi']:.2f} | "
-            f"{gain:.2f} | {r['train_minutes']:.1f} |"
+    results: dict = {"base": base, "runs": runs, "judged": {}, "checks": {}}
+    for set_name in prompt_sets:
+        b = base[set_name]
+        per_seed = {s: judge(b, runs[fg_name][s][set_name], runs[pec_name][s][set_name]) for s in args.train_seeds}
+        means = {k: sum(j[k] for j in per_seed.values()) / len(per_seed) for k in PER_SEED_KEYS}
+        mean_reward = {
+            m: sum(runs[m][s][set_name]["reward"] for s in args.train_seeds) / len(per_seed) for m in methods
+        }
+        # Also the share of the mean gains, which a seed with a tiny Flow-GRPO gain cannot dominate.
+        means["pec_gain_of_means"] = gain_share(mean_reward[pec_name], b["reward"], mean_reward[fg_name])
+        ok = checks(per_seed, means, HELDOUT_SLACK if set_name == "held-out" else 0.0)
+        results["judged"][set_name] = {"per_seed": per_seed, "means": means}
+        results["checks"][set_name] = ok
+        lines += [
+            "",
+            f"### {set_name} prompts (base: reward {b['reward']:.4f}, Vendi {b['vendi']:.3f})",
+            "",
+            "| train seed | Flow-GRPO reward | Flow-GRPO Vendi ×base | PEC reward | PEC Vendi ×base | PEC gain share |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for s, j in per_seed.items():
+            fg, pec = runs[fg_name][s][set_name], runs[pec_name][s][set_name]
+            lines.append(
+                f"| {s} | {fg['reward']:.4f} | {j['flow_grpo_vendi']:.2f} | {pec['reward']:.4f} | {j['pec_vendi']:.2f} | "
+                f"{j['pec_gain']:.2f} |"
+            )
+        lines.append(
+            f"| **mean** | {mean_reward[fg_name]:.4f} | {means['flow_grpo_vendi']:.2f} | {mean_reward[pec_name]:.4f} | "
+            f"{means['pec_vendi']:.2f} | {means['pec_gain']:.2f} (of the mean gains: {means['pec_gain_of_means']:.2f}) |"
         )
-
-    for name, per_seed in runs.items():
-        lines += [row(name, str(seed), r) for seed, r in per_seed.items()]
-        if len(per_seed) > 1:
-            lines.append(row(f"**{name}**", "mean", means[name]))
-    lines += ["", *(f"- [{'x' if ok else ' '}] {name}" for name, ok in checks.items())]
+        lines += ["", *(f"- [{'x' if passed else ' '}] {name}" for name, passed in ok.items())]
+    passed = sum(all(ok.values()) for ok in results["checks"].values())
+    lines += ["", f"Targets met on {passed} of {len(prompt_sets)} prompt sets."]
     text = "\n".join(lines)
     print(text)
-    (out / "results.md").write_text(text + "\n")
-    results = {
-        "base": base,
-        "runs": {name: {str(k): v for k, v in rs.items()} for name, rs in runs.items()},
-        "means": means,
-    }
-    (out / "results.json").write_text(json.dumps({"results": results, "checks": checks}, indent=2))
+    (out / f"results{'-' + args.tag if args.tag else ''}.md").write_text(text + "\n")
+    (out / f"results{'-' + args.tag if args.tag else ''}.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(2)
     main()

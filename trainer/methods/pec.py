@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from comfy_pec.perceptual import adaptive_beta, pcvae_gain, pcvae_penalty, pec_bonus
+from comfy_pec.perceptual import adaptive_beta, decoupled_reward, pcvae_gain, pcvae_penalty, pec_bonus
 from comfy_pec.sde import stochastic_steps
 
 from ..lora import lora_disabled
@@ -45,8 +45,16 @@ class PEC(Method):
     name = "pec"
     uses_perceptual = True
 
-    def __init__(self, beta: float, step_norm: str, bonus_clip: float | None, auto: AutoBeta | None = None):
+    def __init__(
+        self,
+        beta: float,
+        step_norm: str,
+        bonus_clip: float | None,
+        auto: AutoBeta | None = None,
+        combine: str = "sum",
+    ):
         self.beta, self.step_norm, self.bonus_clip, self.auto = beta, step_norm, bonus_clip, auto
+        self.combine = combine
         self.reference: float | None = None  # the base policy's probe Vendi
         self._run: RunContext | None = None
         self._log: dict[str, Any] = {}
@@ -62,7 +70,7 @@ class PEC(Method):
             auto = AutoBeta(
                 p.beta_target, p.beta_lr, p.beta_min, p.beta_max, p.probe_prompts, p.probe_seeds, p.probe_every
             )
-        return cls(pec.beta, pec.step_norm, pec.bonus_clip, auto)
+        return cls(pec.beta, pec.step_norm, pec.bonus_clip, auto, pec.combine)
 
     def setup(self, run: RunContext) -> None:
         self._run = run
@@ -122,6 +130,8 @@ class PEC(Method):
             group_bonus_std=(self.beta * bonus).reshape(-1, g).std(1, unbiased=False).tolist(),
             step_energy=inputs.stats.energy.mean(0).tolist(),
         )
+        if self.combine == "decoupled":
+            return decoupled_reward(rewards, bonus, self.beta, g)
         return rewards + self.beta * bonus
 
     def log(self) -> dict[str, Any]:
