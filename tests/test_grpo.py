@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from comfy_pec import PECError
-from comfy_pec.perceptual import pec_bonus
+from comfy_pec.perceptual import decoupled_reward, pec_bonus
 from trainer.grpo import clipped_surrogate, group_advantages
 
 
@@ -83,3 +83,21 @@ def test_pec_bonus_clip_bounds_each_step_z_score():
     torch.testing.assert_close(pec_bonus(e, 4, clip=10.0), pec_bonus(e, 4))
     with pytest.raises(PECError, match="step_norm='zscore'"):
         pec_bonus(e, 4, step_norm="none", clip=1.0)
+
+
+def test_decoupled_reward_weighs_the_bonus_against_each_groups_own_reward_spread():
+    r = torch.tensor([0.50, 0.51, 0.52, 0.53, 0.0, 1.0, 2.0, 3.0])  # spreads 100x apart
+    b = torch.tensor([1.0, -1.0, 0.5, 0.0, 1.0, -1.0, 0.5, 0.0])
+    g = r.reshape(2, 4)
+    z = (g - g.mean(1, keepdim=True)) / (g.std(1, unbiased=False, keepdim=True) + 1e-4)
+    torch.testing.assert_close(decoupled_reward(r, b, 0.5, 4), z.reshape(-1) + 0.5 * b)
+    # Both groups rank their samples the same way: the reward's scale no longer decides the bonus's weight.
+    shaped = decoupled_reward(r, b, 0.5, 4).reshape(2, 4)
+    assert torch.equal(shaped[0].argsort(), shaped[1].argsort())
+    plain = (r + 0.5 * b).reshape(2, 4)
+    assert not torch.equal(plain[0].argsort(), plain[1].argsort())
+    # A NaN reward keeps its group non-finite (dropped by group_advantages), the other group is untouched.
+    nan = decoupled_reward(torch.tensor([float("nan"), 0.5, 0.6, 0.7, *r[4:].tolist()]), b, 0.5, 4)
+    assert not torch.isfinite(nan[:4]).any() and torch.equal(nan[4:], decoupled_reward(r, b, 0.5, 4)[4:])
+    with pytest.raises(PECError, match="group_size"):
+        decoupled_reward(r, b[:4], 0.5, 4)

@@ -52,12 +52,19 @@ class TrainingError(PECError):
     """The run cannot go on (e.g. rewards NaN too many iterations in a row); a checkpoint was saved."""
 
 
-def train(config: Config, resume: bool = True, progress: bool | None = None, backend: Backend | None = None) -> Path:
+def train(
+    config: Config,
+    resume: bool = True,
+    progress: bool | None = None,
+    backend: Backend | None = None,
+    bar_position: int = 0,
+) -> Path:
     """Run (or resume) GRPO training; returns the run directory.
 
     ``resume=True`` continues from the newest complete checkpoint in ``config.run.dir`` when there is
     one (a run directory with a different configuration fingerprint is refused). ``backend``: an
     already built model (e.g. randomly initialised in memory) instead of loading ``config.model``.
+    ``bar_position``: the progress bar's line, for runs trained side by side.
 
     Started by ``accelerate launch`` on several processes, each rank draws its share of every
     iteration's samples (:mod:`trainer.distributed`); rank 0 writes the log, checkpoints and exports.
@@ -67,7 +74,8 @@ def train(config: Config, resume: bool = True, progress: bool | None = None, bac
     log = _open_log(config, setup.run_dir, run.start) if parallel.is_main else None
     nan_streak = 0  # iterations in a row with a NaN reward (restarts at 0 on resume)
     iterations = range(run.start, t.iterations)
-    bar = tqdm(iterations, desc="train", disable=not setup.progress, initial=run.start, total=t.iterations)
+    desc = f"train {setup.run_dir.name}"
+    bar = tqdm(iterations, desc, t.iterations, disable=not setup.progress, initial=run.start, position=bar_position)
     for it in bar:
         _probe(setup, run, it, t.iterations, log)
         for method in methods:
