@@ -25,6 +25,7 @@ from trainer.backends.qwenimage import QwenImageBackend
 from trainer.backends.random_init import LLM_SPECS, build_llm_pipeline, save_pipeline
 from trainer.backends.zimage import ZImageBackend
 from trainer.checkpoint import latest_checkpoint, load_state
+from trainer.lora import target_regex
 from trainer.runlog import read_log
 from trainer.train import train
 
@@ -170,7 +171,7 @@ def trained(model_dirs, tmp_path_factory):
             backend = load_backend(model_dirs[family])
             lora = config.lora
             backend.transformer.add_adapter(
-                LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.targets))
+                LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=target_regex(lora.targets))
             )
             set_peft_model_state_dict(backend.transformer, load_state(latest_checkpoint(run))["lora"])
             out[family] = (run, config, backend)
@@ -198,11 +199,13 @@ def test_one_pec_iteration(trained, family):
             "noise_refiner.0.attention.to_q",
             "context_refiner.0.attention.to_out.0",
         } <= modules
-    elif family in FLUX2:  # double blocks' attention and MLPs, the single blocks' fused projection
+    elif family in FLUX2:  # double blocks' attention and MLPs, the single blocks' linear1 and linear2
         assert {
             "transformer_blocks.0.ff_context.linear_out",
             "single_transformer_blocks.0.attn.to_qkv_mlp_proj",
+            "single_transformer_blocks.0.attn.to_out",
         } <= modules
+        assert "transformer_blocks.0.attn.to_out" not in modules  # the double blocks' ModuleList, not adapted
     else:  # both streams' attention and MLPs
         assert {"transformer_blocks.0.attn.add_v_proj", "transformer_blocks.0.txt_mlp.net.2"} <= modules
 
