@@ -24,8 +24,8 @@ from trainer.backends.flux import FluxBackend, pack_latents, unpack_latents
 from trainer.backends.random_init import SPECS, build_pipeline, save_pipeline
 from trainer.backends.sd3 import SD3Backend
 from trainer.checkpoint import latest_checkpoint, load_state
-from trainer.lora import target_regex
 from trainer.config import ConfigError, load_config
+from trainer.lora import target_regex
 from trainer.runlog import read_log
 from trainer.train import train
 

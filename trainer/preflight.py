@@ -8,7 +8,9 @@ will load (local path, local hub cache, or the hub when it answers) and :func:`r
 stops with one line naming the first missing one and the fix. Only then does training load weights.
 
 :func:`estimate` computes peak GPU memory and time per iteration from the configs (parameter counts
-of meta-device modules, token counts, activation sizes); :func:`format_plan` prints all of it.
+of meta-device modules, token counts, activation sizes) for every family, from the model's own configs when
+they are on this machine, else from the published ones (:func:`published_spec`); :func:`format_plan` prints
+all of it.
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ def model_family(config: Config) -> str:
     """``model.family``, else from the local (or cached) pipeline's model_index.json."""
     from comfy_pec.pretrained import is_local
 
-    from .backends import detect_family
+    from .backends import FAMILIES, detect_family
 
     if config.model.family is not None:
         return config.model.family
@@ -138,8 +140,8 @@ def model_family(config: Config) -> str:
         raise PECError(f"{which} {source}: no such directory; point it at a diffusers pipeline directory")
     if directory is None:
         raise PECError(
-            f"model.path {config.model.path!r}: set model.family (sd3 or flux) for a hub id that is not in the local "
-            "cache, or point model.path at a diffusers pipeline directory"
+            f"model.path {config.model.path!r}: set model.family (one of {', '.join(FAMILIES)}) for a hub id that is "
+            "not in the local cache, or point model.path at a diffusers pipeline directory"
         )
     return detect_family(str(directory))
 
@@ -596,7 +598,8 @@ def estimate(config: Config, checked: Checked) -> Estimate:
     * LoRA: parameter, gradient and AdamW's two moments, float32;
     * activations of one training micro-batch: per block ``34·L·d`` bytes (16-bit) per sample, all
       blocks without gradient checkpointing, one recomputed block plus every block's input with it;
-      SD3 with CFG runs both branches in one forward (2× batch);
+      L = image tokens (2×2 latent pixels each) + text tokens; a family that batches CFG's branches in one
+      forward (:data:`TOKEN_MODELS`) doubles the batch above its guidance threshold;
     * VAE decode of a ``pec.chunk_size`` chunk: ``VAE_LIVE_MAPS`` float32 maps of C × H × W per image (C: the
       VAE's full-resolution width, 128);
     * peak = weights + LoRA + max(activations, decode), + 10 % allocator slack;
@@ -748,4 +751,13 @@ def preflight(config: Config) -> Checked:
     return checked
 
 
-__all__ = ["check_before_loading", "estimate", "format_plan", "locate", "plan", "preflight", "resources"]
+__all__ = [
+    "check_before_loading",
+    "estimate",
+    "format_plan",
+    "locate",
+    "plan",
+    "preflight",
+    "published_spec",
+    "resources",
+]
