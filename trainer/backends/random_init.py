@@ -413,7 +413,7 @@ LLM_SPECS: dict[str, LLMPipelineSpec] = {
             n_kv_heads=30,
             cap_feat_dim=2560,
             axes_dims=[32, 48, 48],
-            axes_lens=[1536, 512, 512],
+            axes_lens=[1536, 512, 512],  # the hub config's and ComfyUI's (diffusers' default is 1024 frames)
         ),
         vae=_FLUX_VAE,  # the FLUX.1 VAE
         text_encoder=_QWEN3_4B,
@@ -479,7 +479,7 @@ LLM_SPECS: dict[str, LLMPipelineSpec] = {
                 num_key_value_heads=8,
                 head_dim=128,
             ),
-            vision_config=dict(
+            vision_config=dict(  # Pixtral: 0.4 B of the 24 B
                 model_type="pixtral",
                 hidden_size=1024,
                 intermediate_size=4096,
