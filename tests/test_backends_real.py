@@ -25,6 +25,7 @@ from trainer.backends.random_init import SPECS, build_pipeline, save_pipeline
 from trainer.backends.sd3 import SD3Backend
 from trainer.checkpoint import latest_checkpoint, load_state
 from trainer.config import ConfigError, load_config
+from trainer.lora import target_regex
 from trainer.runlog import read_log
 from trainer.train import train
 
@@ -288,7 +289,7 @@ def trained(model_dirs, tmp_path_factory):
             run = train(config)
             model = load_backend(model_dirs[family]).transformer
             lora = config.lora
-            model.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.targets)))
+            model.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=target_regex(lora.targets)))
             set_peft_model_state_dict(model, load_state(latest_checkpoint(run))["lora"])
             out[family] = (run, config, model)
     return out

@@ -25,6 +25,7 @@ from trainer.backends.qwenimage import QwenImageBackend
 from trainer.backends.random_init import LLM_SPECS, build_llm_pipeline, save_pipeline
 from trainer.backends.zimage import ZImageBackend
 from trainer.checkpoint import latest_checkpoint, load_state
+from trainer.lora import target_regex
 from trainer.runlog import read_log
 from trainer.train import train
 
@@ -170,7 +171,7 @@ def trained(model_dirs, tmp_path_factory):
             backend = load_backend(model_dirs[family])
             lora = config.lora
             backend.transformer.add_adapter(
-                LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.targets))
+                LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=target_regex(lora.targets))
             )
             set_peft_model_state_dict(backend.transformer, load_state(latest_checkpoint(run))["lora"])
             out[family] = (run, config, backend)
@@ -198,13 +199,42 @@ def test_one_pec_iteration(trained, family):
             "noise_refiner.0.attention.to_q",
             "context_refiner.0.attention.to_out.0",
         } <= modules
-    elif family in FLUX2:  # double blocks' attention and MLPs, the single blocks' fused projection
+    elif family in FLUX2:  # double blocks' attention and MLPs, the single blocks' linear1 and linear2
         assert {
             "transformer_blocks.0.ff_context.linear_out",
             "single_transformer_blocks.0.attn.to_qkv_mlp_proj",
+            "single_transformer_blocks.0.attn.to_out",
         } <= modules
+        assert "transformer_blocks.0.attn.to_out" not in modules  # the double blocks' ModuleList, not adapted
     else:  # both streams' attention and MLPs
         assert {"transformer_blocks.0.attn.add_v_proj", "transformer_blocks.0.txt_mlp.net.2"} <= modules
+
+
+def test_pattern_target_reaches_the_single_blocks_linear2():
+    """``single_transformer_blocks.*.attn.to_out`` names the single blocks' output projection (BFL linear2) and not
+    the double blocks' ``attn.to_out`` ModuleList; suffix targets keep PEFT's list semantics; the pre-flight counts
+    the same modules PEFT adapts."""
+    from peft import LoraConfig
+
+    from trainer.lora import target_matches
+    from trainer.preflight import lora_param_count
+
+    model = _tiny_flux2()
+    names = [n for n, _ in model.named_modules()]
+    pattern = "single_transformer_blocks.*.attn.to_out"
+    assert [n for n in names if target_matches(n, pattern)] == ["single_transformer_blocks.0.attn.to_out"]
+    suffixes = ["to_q", "to_out.0", "ff.linear_in"]
+    assert [n for n in names if any(target_matches(n, t) for t in suffixes)] == [
+        n for n in names if any(n == t or n.endswith("." + t) for t in suffixes)
+    ]
+    targets = [*suffixes, pattern]
+    model.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=target_regex(targets)))
+    adapted = {n for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert "single_transformer_blocks.0.attn.to_out" in adapted and "transformer_blocks.0.attn.to_out" not in adapted
+    assert "transformer_blocks.0.attn.to_out.0" in adapted
+    count, matched = lora_param_count(_tiny_flux2(), targets, 2)
+    assert matched == set(targets)
+    assert count == sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -226,6 +256,9 @@ def test_trained_lora_reloads_in_a_fresh_diffusers_pipeline(trained, model_dirs,
         return {n for n, m in model.named_modules() if hasattr(m, "lora_A")}
 
     assert adapted_modules(fresh.transformer) == adapted_modules(adapted.transformer)
+    if family in FLUX2:  # the presets' single-block output projection, written as BFL linear2
+        assert "diffusion_model.single_blocks.0.linear2.lora_A.weight" in load_lora(run / "lora.safetensors")[0]
+        assert "single_transformer_blocks.0.attn.to_out" in adapted_modules(fresh.transformer)
     tm.assert_close(_fixed_velocity(fresh, guidance), ref, rel=1e-5)
     # and through the backend's own loader (with its fit check)
     again = load_backend(model_dirs[family])

@@ -134,7 +134,8 @@ class LoraConfig(_Section):
             "add_v_proj",
             "to_add_out",
         ],
-        description="module-name suffixes that get a LoRA",
+        description="modules that get a LoRA: name suffixes (to_out.0), or full-path patterns whose * stands for one "
+        "path component (single_transformer_blocks.*.attn.to_out)",
     )
     init_scale: float = Field(0.0, ge=0, description="std of a random lora_B init (0 = PEFT's zero init)")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 
 import torch
 
@@ -11,10 +12,35 @@ from comfy_pec import PECError
 from .backends import Backend
 
 
+def target_regex(targets: list[str]) -> str:
+    """``lora.targets`` as one regular expression over full module paths (PEFT's ``target_modules`` string form,
+    which it matches with ``re.fullmatch``).
+
+    A plain target is a name suffix: ``to_out.0`` matches ``to_out.0`` and ``<anything>.to_out.0``. A target
+    with ``*`` is a pattern over the whole path, each ``*`` one path component (a block index):
+    ``single_transformer_blocks.*.attn.to_out`` matches FLUX.2's single-block output projection but not the
+    double blocks' ``transformer_blocks.N.attn.to_out`` (a ModuleList, which PEFT cannot adapt) that the
+    suffix ``attn.to_out`` would also name.
+    """
+    parts = []
+    for target in targets:
+        if "*" in target:
+            parts.append(r"\.".join("[^.]+" if p == "*" else re.escape(p) for p in target.split(".")))
+        else:
+            parts.append(r"(?:.*\.)?" + re.escape(target))
+    return "(?:" + "|".join(parts) + ")"
+
+
+def target_matches(name: str, target: str) -> bool:
+    """Whether the module path ``name`` is one that ``target`` (a suffix or a ``*`` pattern) names."""
+    return re.fullmatch(target_regex([target]), name) is not None
+
+
 def add_lora(
     backend: Backend, rank: int, alpha: float, targets: list[str], init_scale: float = 0.0, seed: int = 0
 ) -> list[torch.nn.Parameter]:
-    """Attach a trainable LoRA of ``rank``/``alpha`` on the modules named by ``targets``; its parameters.
+    """Attach a trainable LoRA of ``rank``/``alpha`` on the modules named by ``targets`` (:func:`target_regex`);
+    its parameters.
 
     PEFT draws ``lora_A`` from the global generator (seed it first); ``init_scale > 0`` also draws
     ``lora_B ~ N(0, init_scale²)`` from a generator seeded with ``seed`` instead of PEFT's zeros.
@@ -22,7 +48,7 @@ def add_lora(
     from peft import LoraConfig
 
     backend.transformer.add_adapter(
-        LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
+        LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_regex(targets), init_lora_weights=True)
     )
     params = [p for n, p in backend.transformer.named_parameters() if "lora_" in n]
     if not params:

@@ -8,7 +8,9 @@ will load (local path, local hub cache, or the hub when it answers) and :func:`r
 stops with one line naming the first missing one and the fix. Only then does training load weights.
 
 :func:`estimate` computes peak GPU memory and time per iteration from the configs (parameter counts
-of meta-device modules, token counts, activation sizes); :func:`format_plan` prints all of it.
+of meta-device modules, token counts, activation sizes) for every family, from the model's own configs when
+they are on this machine, else from the published ones (:func:`published_spec`); :func:`format_plan` prints
+all of it.
 """
 
 from __future__ import annotations
@@ -24,15 +26,43 @@ from comfy_pec import PECError
 
 from .config import Config
 
-#: the published configs a plan falls back to when the model's own config.json is not available.
-REFERENCE_SPECS = {"sd3": "sd3.5-medium", "flux": "flux.1-dev"}
-#: the new families: diffusers transformer class and published-size spec in ``random_init.LLM_SPECS``
-#: (FLUX.2-klein has none: its plan needs the model's own config).
-LLM_FAMILIES = {
-    "zimage": ("ZImageTransformer2DModel", "z-image-turbo"),
-    "qwenimage": ("QwenImageTransformer2DModel", "qwen-image"),
-    "flux2": ("Flux2Transformer2DModel", "flux.2-dev"),
-    "flux2-klein": ("Flux2Transformer2DModel", None),
+#: the published config (``random_init.SPECS`` / ``LLM_SPECS``) a plan falls back to when the model's own configs
+#: are not on this machine: the family's, or the one :data:`PUBLISHED_BY_ID` names for a size of its own.
+PUBLISHED_SPECS = {
+    "sd3": "sd3.5-medium",
+    "flux": "flux.1-dev",
+    "zimage": "z-image-turbo",
+    "qwenimage": "qwen-image",
+    "flux2": "flux.2-dev",
+    "flux2-klein": "flux.2-klein-4b",
+}
+PUBLISHED_BY_ID = {
+    "black-forest-labs/FLUX.2-klein-9B": "flux.2-klein-9b",
+    "black-forest-labs/FLUX.2-klein-base-9B": "flux.2-klein-9b",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenModel:
+    """What the memory/FLOP model needs to know of a family beyond its configs (checked against each diffusers
+    transformer's forward and pipeline). Every family here makes one token of 2×2 latent pixels: SD3 and Z-Image
+    patchify inside the transformer, FLUX.1, FLUX.2 and Qwen-Image pack 2×2 before it."""
+
+    transformer: str  # diffusers class
+    extra_text: int = 0  # text tokens besides the max_sequence_length of the main encoder (SD3: CLIP's 77)
+    text_trimmed: bool = False  # the forward sees the prompt's real tokens only (≤ max_sequence_length), not padding
+    cfg_above: float | None = None  # guidance above which one forward carries both CFG branches; None: never
+    pad_to: int = 1  # image and text token counts are each padded to a multiple of this
+
+
+#: family -> its :class:`TokenModel`.
+TOKEN_MODELS = {
+    "sd3": TokenModel("SD3Transformer2DModel", extra_text=77, cfg_above=1.0),
+    "flux": TokenModel("FluxTransformer2DModel"),  # distilled guidance embedding: one branch
+    "zimage": TokenModel("ZImageTransformer2DModel", text_trimmed=True, cfg_above=0.0, pad_to=32),  # SEQ_MULTI_OF
+    "qwenimage": TokenModel("QwenImageTransformer2DModel", text_trimmed=True, cfg_above=1.0),  # true CFG
+    "flux2": TokenModel("Flux2Transformer2DModel"),  # distilled guidance embedding; text padded to its length
+    "flux2-klein": TokenModel("Flux2Transformer2DModel", cfg_above=1.0),  # CFG on the base models only
 }
 #: bytes of one value per dtype name.
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -99,7 +129,7 @@ def model_family(config: Config) -> str:
     """``model.family``, else from the local (or cached) pipeline's model_index.json."""
     from comfy_pec.pretrained import is_local
 
-    from .backends import detect_family
+    from .backends import FAMILIES, detect_family
 
     if config.model.family is not None:
         return config.model.family
@@ -110,68 +140,49 @@ def model_family(config: Config) -> str:
         raise PECError(f"{which} {source}: no such directory; point it at a diffusers pipeline directory")
     if directory is None:
         raise PECError(
-            f"model.path {config.model.path!r}: set model.family (sd3 or flux) for a hub id that is not in the local "
-            "cache, or point model.path at a diffusers pipeline directory"
+            f"model.path {config.model.path!r}: set model.family (one of {', '.join(FAMILIES)}) for a hub id that is "
+            "not in the local cache, or point model.path at a diffusers pipeline directory"
         )
     return detect_family(str(directory))
 
 
+def published_spec(config: Config, family: str):
+    """(name, spec) of the published config that stands in for the model's own: ``random_init.SPECS`` or
+    ``LLM_SPECS``, by hub id (:data:`PUBLISHED_BY_ID`) or by family (:data:`PUBLISHED_SPECS`)."""
+    from .backends.random_init import LLM_SPECS, SPECS
+
+    source = config.model.base or config.model.path
+    name = PUBLISHED_BY_ID.get(source, PUBLISHED_SPECS[family])
+    return name, (SPECS | LLM_SPECS)[name]
+
+
 def meta_transformer(config: Config, family: str) -> tuple[Any, str]:
-    """The model's transformer on the meta device (no memory, no weights) and where its config came from."""
+    """The model's transformer on the meta device (no memory, no weights) and where its config came from: the
+    local (or cached) model's config, else the published one (:func:`published_spec`)."""
     import diffusers
     from accelerate import init_empty_weights
 
-    from .backends.random_init import SPECS
-
-    if family in LLM_FAMILIES:
-        return _meta_llm_transformer(config, family)
-    cls = getattr(diffusers, "SD3Transformer2DModel" if family == "sd3" else "FluxTransformer2DModel")
+    cls = getattr(diffusers, TOKEN_MODELS[family].transformer)
     directory = _model_dir(config)
     if directory is not None and (directory / "transformer" / "config.json").is_file():
         settings, origin = cls.load_config(str(directory), subfolder="transformer"), f"{directory}/transformer"
     else:
-        name = REFERENCE_SPECS[family]
-        settings, origin = SPECS[name].transformer, f"the published {name} config (model config not on this machine)"
+        name, spec = published_spec(config, family)
+        settings, origin = spec.transformer, f"the published {name} config (model config not on this machine)"
     with init_empty_weights(include_buffers=True):  # SD3's sin-cos table alone would be ~1 GB
         return cls.from_config(settings), origin
 
 
-def _meta_llm_transformer(config: Config, family: str) -> tuple[Any, str]:
-    """:func:`meta_transformer` for the :data:`LLM_FAMILIES`: the local config, else the published size."""
-    import diffusers
-    from accelerate import init_empty_weights
-
-    from .backends.random_init import LLM_SPECS
-
-    cls_name, name = LLM_FAMILIES[family]
-    cls = getattr(diffusers, cls_name)
-    directory = _model_dir(config)
-    if directory is not None and (directory / "transformer" / "config.json").is_file():
-        settings, origin = cls.load_config(str(directory), subfolder="transformer"), f"{directory}/transformer"
-    elif name is None:
-        missing = locate("model", config.model.base or config.model.path, config.model.revision, "model.path")
-        if not missing.available:  # the actionable message first: the model is not on this machine
-            raise PECError(missing.problem)
-        raise PECError(
-            f"model.path {config.model.path!r}: family {family} has no published-size config here, so the plan "
-            "cannot size it; point model.path at a local diffusers pipeline directory"
-        )
-    else:
-        settings, origin = (
-            LLM_SPECS[name].transformer,
-            f"the published {name} config (model config not on this machine)",
-        )
-    with init_empty_weights(include_buffers=True):
-        return cls.from_config(settings), origin
-
-
 def lora_param_count(transformer, targets: list[str], rank: int) -> tuple[int, set[str]]:
-    """(Σ over the LoRA's linear layers of r·(in + out), the targets that matched a linear layer)."""
+    """(Σ over the LoRA's linear layers of r·(in + out), the targets that matched a linear layer); targets are
+    matched as :func:`trainer.lora.target_regex` has PEFT match them."""
     import torch
+
+    from .lora import target_matches
 
     total, matched = 0, set()
     for name, module in transformer.named_modules():
-        hit = next((t for t in targets if name == t or name.endswith("." + t)), None)
+        hit = next((t for t in targets if target_matches(name, t)), None)
         if hit is not None and isinstance(module, torch.nn.Linear):
             total += rank * (module.in_features + module.out_features)
             matched.add(hit)
@@ -466,7 +477,7 @@ def _component_params(config: Config, family: str) -> dict[str, int]:
     import diffusers
     import transformers
 
-    from .backends.random_init import SPECS, PipelineSpec
+    from .backends.random_init import LLMPipelineSpec, llm_text_encoder, llm_vae
 
     directory = _model_dir(config)
     counts: dict[str, int] = {}
@@ -488,7 +499,11 @@ def _component_params(config: Config, family: str) -> dict[str, int]:
                 cls = getattr(transformers, cls_name)
                 counts[name] = _meta_params(lambda cls=cls, cfg=cfg: cls(cfg))
         return counts
-    spec: PipelineSpec = SPECS[REFERENCE_SPECS[family]]
+    _, spec = published_spec(config, family)
+    if isinstance(spec, LLMPipelineSpec):
+        counts["vae"] = _meta_params(lambda: llm_vae(spec))
+        counts["text_encoder"] = _meta_params(lambda: llm_text_encoder(spec))
+        return counts
     counts["vae"] = _meta_params(lambda: diffusers.AutoencoderKL(**spec.vae))
     clip_cls = transformers.CLIPTextModelWithProjection if family == "sd3" else transformers.CLIPTextModel
     counts["text_encoder"] = _meta_params(lambda: clip_cls(transformers.CLIPTextConfig(**spec.clip)))
@@ -533,14 +548,22 @@ class Estimate:
     notes: list[str]
 
 
+def _vae_geometry(vae: dict[str, Any]) -> tuple[int, int]:
+    """(down-sampling factor, channels of the full-resolution stage) of a VAE config."""
+    if "block_out_channels" in vae:  # AutoencoderKL, AutoencoderKLFlux2
+        return 2 ** (len(vae["block_out_channels"]) - 1), vae["block_out_channels"][0]
+    # Qwen-Image's video VAE (one frame): a stage per dim_mult entry, base_dim·dim_mult[0] channels at full size
+    return 2 ** (len(vae["dim_mult"]) - 1), vae["base_dim"] * vae["dim_mult"][0]
+
+
 def _model_defaults(config: Config, family: str) -> dict[str, Any]:
-    """The family's sampling defaults, updated by the model directory's pec.json and the config's sampling."""
+    """The family's sampling defaults, updated by the model directory's pec.json and the config's sampling, and
+    its VAE's geometry (``vae_factor``, ``vae_width``) from the local VAE config, else the published one."""
+    from .backends import backend_class
     from .backends.base import read_defaults
-    from .backends.flux import FLUX_DEFAULTS
-    from .backends.sd3 import SD3_DEFAULTS
 
     directory = _model_dir(config)
-    builtin = SD3_DEFAULTS if family == "sd3" else FLUX_DEFAULTS
+    builtin = backend_class(family).builtin_defaults
     defaults = read_defaults(str(directory), builtin) if directory is not None else dict(builtin)
     for key in ("resolution", "num_steps", "guidance_scale"):
         if getattr(config.sampling, key) is not None:
@@ -548,10 +571,23 @@ def _model_defaults(config: Config, family: str) -> dict[str, Any]:
     if config.model.max_sequence_length is not None:
         defaults["max_sequence_length"] = config.model.max_sequence_length
     vae = directory / "vae" / "config.json" if directory is not None else None
-    # the published VAEs: 4 stages (8x down-sampling), 128 channels at full resolution
-    widths = json.loads(vae.read_text())["block_out_channels"] if vae is not None and vae.is_file() else [128] * 4
-    defaults["vae_factor"], defaults["vae_width"] = 2 ** (len(widths) - 1), widths[0]
+    settings = (
+        json.loads(vae.read_text()) if vae is not None and vae.is_file() else published_spec(config, family)[1].vae
+    )
+    defaults["vae_factor"], defaults["vae_width"] = _vae_geometry(settings)
     return defaults
+
+
+def _width_and_blocks(cfg) -> tuple[int, int]:
+    """(hidden width, transformer blocks) of a transformer config. Z-Image's refiners run on the image tokens
+    (noise refiner) or the text tokens (context refiner) only: per layer pair, one block's worth of the sequence."""
+    if hasattr(cfg, "dim"):  # Z-Image
+        return cfg.dim, cfg.n_layers + cfg.n_refiner_layers
+    return cfg.num_attention_heads * cfg.attention_head_dim, cfg.num_layers + getattr(cfg, "num_single_layers", 0)
+
+
+def _padded(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def estimate(config: Config, checked: Checked) -> Estimate:
@@ -562,7 +598,8 @@ def estimate(config: Config, checked: Checked) -> Estimate:
     * LoRA: parameter, gradient and AdamW's two moments, float32;
     * activations of one training micro-batch: per block ``34·L·d`` bytes (16-bit) per sample, all
       blocks without gradient checkpointing, one recomputed block plus every block's input with it;
-      SD3 with CFG runs both branches in one forward (2× batch);
+      L = image tokens (2×2 latent pixels each) + text tokens; a family that batches CFG's branches in one
+      forward (:data:`TOKEN_MODELS`) doubles the batch above its guidance threshold;
     * VAE decode of a ``pec.chunk_size`` chunk: ``VAE_LIVE_MAPS`` float32 maps of C × H × W per image (C: the
       VAE's full-resolution width, 128);
     * peak = weights + LoRA + max(activations, decode), + 10 % allocator slack;
@@ -587,16 +624,15 @@ def estimate(config: Config, checked: Checked) -> Estimate:
     shared = config.pec.encoder == "pickscore" and pick is not None and config.pec.encoder_path in (None, pick.path)
     if config.pec.encoder != "toy" and not shared:
         uncounted.append(f"encoder {config.pec.encoder}")
-    width = cfg.num_attention_heads * cfg.attention_head_dim
-    blocks = cfg.num_layers + getattr(cfg, "num_single_layers", 0)
+    shape = TOKEN_MODELS[family]
+    width, blocks = _width_and_blocks(cfg)
     defaults = _model_defaults(config, family)
     resolution = int(defaults["resolution"])
-    patch = 2  # SD3's patch embedding; FLUX packs 2x2 latents into a token
-    image_tokens = (resolution // (defaults["vae_factor"] * patch)) ** 2
-    text_tokens = int(defaults["max_sequence_length"]) + (77 if family == "sd3" else 0)  # T5 (+ CLIP for SD3)
+    image_tokens = _padded((resolution // (defaults["vae_factor"] * 2)) ** 2, shape.pad_to)  # 2x2 latent pixels
+    text_tokens = _padded(int(defaults["max_sequence_length"]), shape.pad_to) + shape.extra_text
     tokens = image_tokens + text_tokens
     guidance = float(defaults["guidance_scale"])
-    branches = 2 if family == "sd3" and guidance > 1 else 1
+    branches = 2 if shape.cfg_above is not None and guidance > shape.cfg_above else 1
     batch = t.batch_size * branches
 
     dtype = DTYPE_BYTES[m.dtype]
@@ -624,8 +660,10 @@ def estimate(config: Config, checked: Checked) -> Estimate:
     forward = (2 * params["transformer"] * tokens + 4 * tokens**2 * width * blocks) * branches
     backward_factor = 3 + int(m.gradient_checkpointing) + int(t.kl_beta > 0)  # fwd+bwd (+recompute, +reference)
     flops = samples * forward * (steps + trained * backward_factor * t.inner_epochs)
+    text_kind = "text (at most: the prompt's real tokens)" if shape.text_trimmed else "text"
     notes = [
-        f"tokens per forward: {image_tokens} image + {text_tokens} text = {tokens}; width {width}, {blocks} blocks",
+        f"tokens per forward: {image_tokens} image + {text_tokens} {text_kind} = {tokens}; width {width}, "
+        f"{blocks} blocks",
         f"micro-batch {t.batch_size} x {branches} branch(es); {samples} samples x {steps} steps, "
         f"{trained} trained step(s) per sample",
     ]
@@ -677,9 +715,7 @@ def format_plan(config: Config, checked: Checked, items: list[Resource], est: Es
         f"  LoRA: rank {config.lora.rank} on {', '.join(config.lora.targets)}: {_count(checked.lora_params)} params; "
         f"checkpoints need ~{_gb(checked.checkpoint_bytes)} ({_gb(checked.free_bytes)} free in {config.run.dir})",
     ]
-    if est is None:
-        lines.append(f"  estimate: none for family {checked.family} yet (the memory/FLOP model covers sd3 and flux)")
-    else:
+    if est is not None:
         lines += [
             "  parameters: " + ", ".join(f"{k} {_count(v)}" for k, v in est.params.items()),
             f"  estimate (from the configs, not measured): peak GPU memory ~{_gb(est.peak)} = weights {_gb(est.weights)}"
@@ -704,8 +740,7 @@ def plan(config: Config) -> tuple[str, bool]:
     """(the plan's text, whether everything is available) — ``pec train --dry-run``."""
     checked = check_before_loading(config)
     items = resources(config, checked.family)
-    est = None if checked.family in LLM_FAMILIES else estimate(config, checked)
-    text = format_plan(config, checked, items, est)
+    text = format_plan(config, checked, items, estimate(config, checked))
     return text, all(i.available for i in items)
 
 
@@ -716,4 +751,13 @@ def preflight(config: Config) -> Checked:
     return checked
 
 
-__all__ = ["check_before_loading", "estimate", "format_plan", "locate", "plan", "preflight", "resources"]
+__all__ = [
+    "check_before_loading",
+    "estimate",
+    "format_plan",
+    "locate",
+    "plan",
+    "preflight",
+    "published_spec",
+    "resources",
+]

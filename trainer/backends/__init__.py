@@ -51,6 +51,14 @@ def detect_family(path_or_id: str) -> str:
     return _PIPELINE_FAMILIES[name]
 
 
+def backend_class(family: str) -> type[Backend]:
+    """The backend class of ``family`` (imports its module only)."""
+    if family not in _BACKENDS:
+        raise PECError(f"unknown model family {family!r}; supported: {', '.join(FAMILIES)}")
+    module, name = _BACKENDS[family]
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
 def load_backend(path_or_id: str | None = None, family: str | None = None, **kwargs) -> Backend:
     """Load a model as a backend; ``None`` loads the embedded tiny model.
 
@@ -65,11 +73,7 @@ def load_backend(path_or_id: str | None = None, family: str | None = None, **kwa
     if family is None:
         base = kwargs.get("base")
         family = detect_family(base if base and is_single_file(path_or_id) else path_or_id)
-    if family in _BACKENDS:
-        module, name = _BACKENDS[family]
-        backend = getattr(importlib.import_module(f".{module}", __name__), name)
-        return backend.from_pretrained(path_or_id, **kwargs)
-    raise PECError(f"unknown model family {family!r}; supported: {', '.join(FAMILIES)}")
+    return backend_class(family).from_pretrained(path_or_id, **kwargs)
 
 
-__all__ = ["Backend", "PromptEmbeds", "EMBEDDED_MODEL", "FAMILIES", "detect_family", "load_backend"]
+__all__ = ["Backend", "PromptEmbeds", "EMBEDDED_MODEL", "FAMILIES", "backend_class", "detect_family", "load_backend"]

@@ -1,10 +1,12 @@
-"""Randomly initialised SD3.5 / FLUX.1 pipelines built from configs, for tests and benchmarks (no download).
+"""Randomly initialised pipelines built from configs, for tests, benchmarks and the dry-run plan (no download).
 
 Every component is a stock diffusers / transformers class; the tokenizers are built offline (a CLIP
 BPE tokenizer over the embedded world's words, :func:`trainer.world.vocabulary.tokenizer_files`, and a T5
 Unigram tokenizer over the same words plus single letters). :data:`SPECS` holds the real sizes of
 SD3.5-Medium and FLUX.1-dev (the published configs) and tiny ones whose text widths match the tiny
-transformers of the tests. Saved with :func:`save_pipeline`, a pipeline loads back through
+transformers of the tests; :data:`LLM_SPECS` the same for the families with LLM text encoders (Z-Image,
+Qwen-Image, FLUX.2-dev and -klein 4B/9B), whose modules :func:`llm_transformer`, :func:`llm_vae` and
+:func:`llm_text_encoder` build (on the meta device under ``init_empty_weights``, for parameter counts). Saved with :func:`save_pipeline`, a pipeline loads back through
 :func:`trainer.backends.load_backend` like a downloaded one.
 """
 
@@ -295,8 +297,9 @@ class LLMPipelineSpec:
     """Configs of a pipeline whose text encoder is an LLM: Z-Image and FLUX.2-klein (Qwen3), Qwen-Image
     (Qwen2.5-VL) or FLUX.2-dev (Mistral-3; the tiny ones tokenize with :func:`qwen_tokenizer`).
 
-    ``text_encoder`` holds the transformers config kwargs (``Qwen3Config``, or ``Qwen2_5_VLConfig`` with
-    ``text_config`` and ``vision_config``), ``scheduler`` the ``FlowMatchEulerDiscreteScheduler`` config.
+    ``text_encoder`` holds the transformers config kwargs (``Qwen3Config``, or ``Qwen2_5_VLConfig`` /
+    ``Mistral3Config`` with ``text_config`` and ``vision_config``), ``scheduler`` the
+    ``FlowMatchEulerDiscreteScheduler`` config.
     """
 
     family: str  # "zimage" | "qwenimage" | "flux2" | "flux2-klein"
@@ -318,7 +321,7 @@ def _qwen_vae(base_dim: int, dim_mult: tuple[int, ...], blocks: int) -> dict[str
     )
 
 
-def _qwen3(hidden: int, ff: int, layers: int, heads: int, kv: int, head_dim: int, vocab: int = 151936):
+def _qwen3(hidden: int, ff: int, layers: int, heads: int, kv: int, head_dim: int, vocab: int = 151936, tie=True):
     return dict(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -327,8 +330,15 @@ def _qwen3(hidden: int, ff: int, layers: int, heads: int, kv: int, head_dim: int
         num_attention_heads=heads,
         num_key_value_heads=kv,
         head_dim=head_dim,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie,
     )
+
+
+# Qwen3-4B (Z-Image, FLUX.2-klein-4B) and Qwen3-8B (klein-9B), as their model cards state them (36 layers, GQA 32
+# query / 8 key-value heads of 128; 4B: width 2560, FFN 9728, tied embeddings, 4.0 B parameters; 8B: width 4096,
+# FFN 12288, untied, 8.2 B).
+_QWEN3_4B = _qwen3(2560, 9728, 36, 32, 8, 128)
+_QWEN3_8B = _qwen3(4096, 12288, 36, 32, 8, 128, tie=False)
 
 
 # Published scheduler configs: Z-Image-Turbo shifts statically by 3; Qwen-Image shifts dynamically and
@@ -367,11 +377,31 @@ _TINY_FLUX2 = dict(
     axes_dims_rope=(4, 4, 4, 4),
 )
 _TINY_FLUX2_VAE = dict(_vae((8, 16), 1, 4, scaling=1.0, shift=0.0), latent_channels=32)
+_FLUX2_VAE = dict(_vae((128, 256, 512, 512), 2, 32, scaling=1.0, shift=0.0), latent_channels=32)
+
+
+def _flux2_transformer(layers: int, single_layers: int, heads: int, text_width: int, guidance: bool) -> dict[str, Any]:
+    """A FLUX.2 transformer config: 128-wide heads, MLP ratio 3, the text input three stacked encoder layers."""
+    return dict(
+        num_layers=layers,
+        num_single_layers=single_layers,
+        num_attention_heads=heads,
+        attention_head_dim=128,
+        joint_attention_dim=3 * text_width,
+        guidance_embeds=guidance,
+    )
+
+
 _TINY_LLM_DEFAULTS = dict(resolution=32, num_steps=4, eval_num_steps=4, max_sequence_length=48)
 
 #: name -> spec; the published sizes, and tiny ones for CPU tests (32 px images) whose shapes ComfyUI's
 #: loaders accept (Z-Image: dim >= 1024 for ComfyUI's timestep MLP widths, FFN width int(8/3·dim) a
 #: multiple of 256: 1056 is the smallest such dim).
+#: Sources of the published sizes: diffusers' transformer defaults (ZImageTransformer2DModel, QwenImageTransformer2DModel
+#: and Flux2Transformer2DModel are Z-Image-Turbo, Qwen-Image and FLUX.2-dev) and its conversion script
+#: scripts/convert_flux2_to_diffusers.py (dev, klein-4b and klein-9b configs); the text encoders' model cards
+#: (Qwen3-4B/8B, Qwen2.5-VL-7B-Instruct, Mistral-Small-3.1/3.2-24B). tests/test_plan_new_families.py checks the
+#: parameter counts against the published sizes (6 B, 20 B, 32 B, 4 B, 9 B).
 LLM_SPECS: dict[str, LLMPipelineSpec] = {
     "z-image-turbo": LLMPipelineSpec(
         family="zimage",
@@ -383,10 +413,10 @@ LLM_SPECS: dict[str, LLMPipelineSpec] = {
             n_kv_heads=30,
             cap_feat_dim=2560,
             axes_dims=[32, 48, 48],
-            axes_lens=[1536, 512, 512],
+            axes_lens=[1536, 512, 512],  # the hub config's and ComfyUI's (diffusers' default is 1024 frames)
         ),
-        vae=_FLUX_VAE,
-        text_encoder=_qwen3(2560, 9728, 36, 32, 8, 128),
+        vae=_FLUX_VAE,  # the FLUX.1 VAE
+        text_encoder=_QWEN3_4B,
         scheduler=_ZIMAGE_SCHEDULER,
     ),
     "qwen-image": LLMPipelineSpec(
@@ -435,9 +465,10 @@ LLM_SPECS: dict[str, LLMPipelineSpec] = {
     ),
     "flux.2-dev": LLMPipelineSpec(
         family="flux2",
-        transformer=dict(),  # diffusers' Flux2Transformer2DModel defaults are FLUX.2-dev
-        vae=dict(_vae((128, 256, 512, 512), 2, 32, scaling=1.0, shift=0.0), latent_channels=32),
-        text_encoder=dict(  # Mistral-Small-3.1-24B
+        transformer=_flux2_transformer(8, 48, 48, 5120, guidance=True),  # diffusers' Flux2Transformer2DModel defaults
+        vae=_FLUX2_VAE,
+        text_encoder=dict(  # Mistral-Small-3.1/3.2-24B (one architecture; diffusers' converter loads 3.2)
+            tie_word_embeddings=False,  # its own LM head: 24.0 B parameters with it
             text_config=dict(
                 model_type="mistral",
                 vocab_size=131072,
@@ -448,7 +479,7 @@ LLM_SPECS: dict[str, LLMPipelineSpec] = {
                 num_key_value_heads=8,
                 head_dim=128,
             ),
-            vision_config=dict(
+            vision_config=dict(  # Pixtral: 0.4 B of the 24 B
                 model_type="pixtral",
                 hidden_size=1024,
                 intermediate_size=4096,
@@ -459,6 +490,20 @@ LLM_SPECS: dict[str, LLMPipelineSpec] = {
                 image_size=1540,
             ),
         ),
+        scheduler=_FLUX2_SCHEDULER,
+    ),
+    "flux.2-klein-4b": LLMPipelineSpec(
+        family="flux2-klein",
+        transformer=_flux2_transformer(5, 20, 24, 2560, guidance=False),
+        vae=_FLUX2_VAE,
+        text_encoder=_QWEN3_4B,
+        scheduler=_FLUX2_SCHEDULER,
+    ),
+    "flux.2-klein-9b": LLMPipelineSpec(
+        family="flux2-klein",
+        transformer=_flux2_transformer(8, 24, 32, 4096, guidance=False),
+        vae=_FLUX2_VAE,
+        text_encoder=_QWEN3_8B,
         scheduler=_FLUX2_SCHEDULER,
     ),
     "tiny-flux2-dev": LLMPipelineSpec(
@@ -579,9 +624,60 @@ def qwen_tokenizer(vocab_size: int = 512):
     )
 
 
+#: family -> diffusers pipeline, transformer and VAE classes, transformers text-encoder class.
+LLM_CLASSES: dict[str, tuple[str, str, str, str]] = {
+    "zimage": ("ZImagePipeline", "ZImageTransformer2DModel", "AutoencoderKL", "Qwen3Model"),
+    "qwenimage": (
+        "QwenImagePipeline",
+        "QwenImageTransformer2DModel",
+        "AutoencoderKLQwenImage",
+        "Qwen2_5_VLForConditionalGeneration",
+    ),
+    "flux2": ("Flux2Pipeline", "Flux2Transformer2DModel", "AutoencoderKLFlux2", "Mistral3ForConditionalGeneration"),
+    "flux2-klein": ("Flux2KleinPipeline", "Flux2Transformer2DModel", "AutoencoderKLFlux2", "Qwen3ForCausalLM"),
+}
+
+
+def llm_transformer(spec: LLMPipelineSpec):
+    """The spec's transformer, randomly initialised (under ``accelerate.init_empty_weights``: on the meta device)."""
+    import diffusers
+
+    return getattr(diffusers, LLM_CLASSES[spec.family][1])(**spec.transformer)
+
+
+def llm_vae(spec: LLMPipelineSpec):
+    """The spec's VAE, as :func:`llm_transformer` (FLUX.2's VAE normalises with batch-norm statistics instead of a
+    scaling and shift)."""
+    import diffusers
+
+    config = spec.vae
+    if spec.family.startswith("flux2"):
+        config = {k: v for k, v in config.items() if k not in ("scaling_factor", "shift_factor")}
+    return getattr(diffusers, LLM_CLASSES[spec.family][2])(**config)
+
+
+def llm_text_encoder(spec: LLMPipelineSpec, vocab_size: int | None = None):
+    """The spec's text encoder, as :func:`llm_transformer`; ``vocab_size`` replaces a spec's 0 (= the tokenizer's)."""
+    import transformers
+
+    cls = getattr(transformers, LLM_CLASSES[spec.family][3])
+    if spec.family in ("zimage", "flux2-klein"):  # Qwen3
+        return cls(
+            transformers.Qwen3Config(
+                **dict(spec.text_encoder, vocab_size=spec.text_encoder["vocab_size"] or vocab_size)
+            )
+        )
+    text = dict(spec.text_encoder["text_config"])
+    text["vocab_size"] = text["vocab_size"] or vocab_size
+    # FLUX.2-dev: Mistral-3 with a Pixtral vision tower; Qwen-Image: Qwen2.5-VL (both: text only is used)
+    config_cls = transformers.Mistral3Config if spec.family == "flux2" else transformers.Qwen2_5_VLConfig
+    return cls(config_cls(**dict(spec.text_encoder, text_config=text)))
+
+
 def build_llm_pipeline(spec: LLMPipelineSpec | str, seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32):
-    """A randomly initialised ``ZImagePipeline`` / ``QwenImagePipeline`` / ``Flux2Pipeline`` / ``Flux2KleinPipeline`` of ``spec`` (an :data:`LLM_SPECS`
-    name or a spec); VAE in float32. Saved with :func:`save_pipeline`, it loads through ``load_backend``."""
+    """A randomly initialised ``ZImagePipeline`` / ``QwenImagePipeline`` / ``Flux2Pipeline`` / ``Flux2KleinPipeline``
+    of ``spec`` (an :data:`LLM_SPECS` name or a spec); VAE in float32. Saved with :func:`save_pipeline`, it loads
+    through ``load_backend``."""
     import diffusers
     import transformers
 
@@ -590,48 +686,20 @@ def build_llm_pipeline(spec: LLMPipelineSpec | str, seed: int = 0, device="cpu",
     tokenizer = qwen_tokenizer()
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**spec.scheduler)
     with torch.device(device):
-        if spec.family == "zimage":
-            config = transformers.Qwen3Config(
-                **dict(spec.text_encoder, vocab_size=spec.text_encoder["vocab_size"] or len(tokenizer))
-            )
-            text_encoder = transformers.Qwen3Model(config)
-            transformer = diffusers.ZImageTransformer2DModel(**spec.transformer)
-            vae = diffusers.AutoencoderKL(**spec.vae)
-            pipeline = diffusers.ZImagePipeline
-        elif spec.family.startswith("flux2"):
-            if spec.family == "flux2":  # Mistral-3 with a Pixtral processor (text only is used)
-                text = dict(spec.text_encoder["text_config"])
-                text["vocab_size"] = text["vocab_size"] or len(tokenizer)
-                config = transformers.Mistral3Config(text_config=text, vision_config=spec.text_encoder["vision_config"])
-                text_encoder = transformers.Mistral3ForConditionalGeneration(config)
-                tokenizer = transformers.PixtralProcessor(
-                    image_processor=transformers.PixtralImageProcessor(),
-                    tokenizer=tokenizer,
-                    patch_size=spec.text_encoder["vision_config"]["patch_size"],
-                    chat_template=_MISTRAL_CHAT_TEMPLATE,
-                )
-                pipeline = diffusers.Flux2Pipeline
-            else:
-                config = transformers.Qwen3Config(
-                    **dict(spec.text_encoder, vocab_size=spec.text_encoder["vocab_size"] or len(tokenizer))
-                )
-                text_encoder = transformers.Qwen3ForCausalLM(config)
-                pipeline = diffusers.Flux2KleinPipeline
-            transformer = diffusers.Flux2Transformer2DModel(**spec.transformer)
-            vae_config = {k: v for k, v in spec.vae.items() if k not in ("scaling_factor", "shift_factor")}
-            vae = diffusers.AutoencoderKLFlux2(**vae_config)
-            # non-trivial latent statistics, so that tests see the normalisation
-            vae.bn.running_mean.normal_(0.0, 0.5)
-            vae.bn.running_var.uniform_(0.5, 2.0)
-        else:
-            text = dict(spec.text_encoder["text_config"])
-            text["vocab_size"] = text["vocab_size"] or len(tokenizer)
-            config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=spec.text_encoder["vision_config"])
-            text_encoder = transformers.Qwen2_5_VLForConditionalGeneration(config)
-            transformer = diffusers.QwenImageTransformer2DModel(**spec.transformer)
-            vae = diffusers.AutoencoderKLQwenImage(**spec.vae)
-            pipeline = diffusers.QwenImagePipeline
-    return pipeline(
+        text_encoder = llm_text_encoder(spec, len(tokenizer))
+        transformer = llm_transformer(spec)
+        vae = llm_vae(spec)
+    if spec.family == "flux2":  # Mistral-3's Pixtral processor around the tokenizer
+        tokenizer = transformers.PixtralProcessor(
+            image_processor=transformers.PixtralImageProcessor(),
+            tokenizer=tokenizer,
+            patch_size=spec.text_encoder["vision_config"]["patch_size"],
+            chat_template=_MISTRAL_CHAT_TEMPLATE,
+        )
+    if spec.family.startswith("flux2"):  # non-trivial latent statistics, so that tests see the normalisation
+        vae.bn.running_mean.normal_(0.0, 0.5)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    return getattr(diffusers, LLM_CLASSES[spec.family][0])(
         transformer=transformer.to(dtype).eval(),
         vae=vae.eval(),
         text_encoder=text_encoder.to(dtype).eval(),
