@@ -19,6 +19,7 @@ __all__ = [
     "adaptive_beta",
     "decoupled_reward",
     "perceptual_energy",
+    "relative_reward",
     "perceptual_entropy",
     "pcvae_gain",
     "pcvae_penalty",
@@ -135,6 +136,26 @@ def decoupled_reward(rewards: torch.Tensor, bonus: torch.Tensor, beta: float, gr
     r = rewards.float().reshape(-1, group_size)
     z = (r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, unbiased=False, keepdim=True) + eps)
     return z.reshape(-1) + beta * bonus.float()
+
+
+def relative_reward(rewards: torch.Tensor, bonus: torch.Tensor, beta: float, group_size: int) -> torch.Tensor:
+    """PEC's relative combination: ``r̃ = r + β·m·b``, ``m = median over groups of std_group(r)``.
+
+    The plain sum ``r + β·b`` with β in units of the batch's typical in-group reward spread ``m``: groups
+    whose reward barely varies are still ordered by the bonus and groups with a wide spread by the
+    reward (as with the sum), but the share of each kind no longer depends on the reward model's scale,
+    on the seed or on how far training has sharpened the policy. Groups holding a non-finite reward are
+    left out of ``m`` and stay non-finite. ``rewards``, ``bonus`` ``[N]`` group-contiguous. → ``[N]``.
+    """
+    if rewards.shape != bonus.shape or rewards.dim() != 1 or rewards.shape[0] % group_size:
+        raise PECError(
+            f"rewards and bonus must both be [N] with N a multiple of group_size {group_size}, "
+            f"got {tuple(rewards.shape)} and {tuple(bonus.shape)}"
+        )
+    spread = rewards.float().reshape(-1, group_size).std(dim=1, unbiased=False)
+    finite = spread[torch.isfinite(spread)]
+    m = finite.median() if finite.numel() else spread.new_zeros(())
+    return rewards + beta * m * bonus.float()
 
 
 def adaptive_beta(beta: float, diversity: float, reference: float, target: float, lr: float, lo: float, hi: float):

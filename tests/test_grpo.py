@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from comfy_pec import PECError
-from comfy_pec.perceptual import decoupled_reward, pec_bonus
+from comfy_pec.perceptual import decoupled_reward, pec_bonus, relative_reward
 from trainer.grpo import clipped_surrogate, group_advantages
 
 
@@ -101,3 +101,15 @@ def test_decoupled_reward_weighs_the_bonus_against_each_groups_own_reward_spread
     assert not torch.isfinite(nan[:4]).any() and torch.equal(nan[4:], decoupled_reward(r, b, 0.5, 4)[4:])
     with pytest.raises(PECError, match="group_size"):
         decoupled_reward(r, b[:4], 0.5, 4)
+
+
+def test_relative_reward_scales_beta_by_the_median_in_group_reward_spread():
+    r = torch.tensor([0.0, 0.2, 1.0, 1.1, 5.0, 5.8, float("nan"), 1.0])  # spreads 0.1, 0.05, 0.4; one NaN group
+    b = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.0, -1.0, 1.0, -1.0])
+    shaped = relative_reward(r, b, 2.0, 2)
+    torch.testing.assert_close(shaped[:6], r[:6] + 2.0 * 0.1 * b[:6])  # median of 0.1, 0.05, 0.4
+    assert not torch.isfinite(shaped[6:]).all()
+    # Scale-free: the reward x100 gives the shaped reward x100, so the same group advantages.
+    torch.testing.assert_close(relative_reward(r[:6] * 100, b[:6], 2.0, 2), shaped[:6] * 100)
+    with pytest.raises(PECError, match="group_size"):
+        relative_reward(r, b[:4], 2.0, 2)

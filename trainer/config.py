@@ -217,10 +217,11 @@ class PecConfig(_Section):
     bonus_clip: float | None = Field(
         None, gt=0, description="PEC: bound each step's z-scored energy to ±bonus_clip (null = unbounded, eq. 17)"
     )
-    combine: Literal["sum", "decoupled"] = Field(
+    combine: Literal["sum", "relative", "decoupled"] = Field(
         "sum",
-        description="PEC: how the bonus joins the task reward: 'sum' r + β·b (eq. 17), 'decoupled' z_group(r) + β·b "
-        "(the task reward z-scored in its group first, so β weighs the bonus against the reward's own spread)",
+        description="PEC: how the bonus joins the task reward: 'sum' r + β·b (eq. 17); 'relative' r + β·m·b with m "
+        "the median in-group reward std of the iteration (β in units of the typical reward spread); 'decoupled' "
+        "z_group(r) + β·b (every group's reward z-scored first)",
     )
     one_sided: bool = Field(False, description="PCVAE: penalise only gains below the calibration")
     beta_target: float | None = Field(

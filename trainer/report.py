@@ -42,11 +42,12 @@ def plot_curves(rows: list[dict], path: Path, probes: list[dict] | None = None, 
 
     runs = runs or {"": (rows, probes or [])}
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
-    for label, (run_rows, run_probes) in runs.items():
+    for i, (label, (run_rows, run_probes)) in enumerate(runs.items()):
+        style = ("-", "--", ":", "-.")[i % 4]  # lines that coincide (the policy entropy) stay visible
         for ax, (key, title) in zip(axes, CURVES):
             source = run_probes if run_probes and key in PROBED else run_rows
             values = [r.get(key) if r.get(key) is not None else float("nan") for r in source]
-            ax.plot([r["iteration"] for r in source], values, marker=".", label=label or None)
+            ax.plot([r["iteration"] for r in source], values, style, marker=".", label=label or None)
             ax.set_title(title + (" — probe" if run_probes and key in PROBED else ""), fontsize=10)
     for ax in axes:
         ax.set_xlabel("iteration")

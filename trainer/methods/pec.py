@@ -13,7 +13,14 @@ from typing import Any
 
 import torch
 
-from comfy_pec.perceptual import adaptive_beta, decoupled_reward, pcvae_gain, pcvae_penalty, pec_bonus
+from comfy_pec.perceptual import (
+    adaptive_beta,
+    decoupled_reward,
+    pcvae_gain,
+    pcvae_penalty,
+    pec_bonus,
+    relative_reward,
+)
 from comfy_pec.sde import stochastic_steps
 
 from ..lora import lora_disabled
@@ -132,6 +139,8 @@ class PEC(Method):
         )
         if self.combine == "decoupled":
             return decoupled_reward(rewards, bonus, self.beta, g)
+        if self.combine == "relative":
+            return relative_reward(rewards, bonus, self.beta, g)
         return rewards + self.beta * bonus
 
     def log(self) -> dict[str, Any]:
