@@ -27,11 +27,8 @@ import time
 from pathlib import Path
 
 from comfy_pec.encoders import load_encoder
-from trainer.backends import load_backend
 from trainer.config import load_config
-from trainer.demo import gain_share
-from trainer.prompts import resolve_prompts
-from trainer.report import evaluate_grid
+from trainer.demo import EVAL_SEEDS, evaluation_sets, gain_share, measure
 from trainer.rewards import build_reward
 from trainer.train import train
 
@@ -43,19 +40,14 @@ PER_SEED_KEYS = ("flow_grpo_vendi", "pec_vendi", "pec_gain")
 
 
 def evaluate(model_path, lora, prompt_sets: dict[str, list[str]], seeds, reward_fn, encoder, cache: Path) -> dict:
-    """Reward and Vendi of the base model (``lora=None``) or base + LoRA per prompt set, cached in ``cache``."""
+    """:func:`trainer.demo.measure` without the images, cached in ``cache`` (reused while the prompts and seeds match)."""
     key = {"prompts": prompt_sets, "seeds": seeds}
     if cache.exists():
         saved = json.loads(cache.read_text())
         if saved["key"] == key:
             return saved["result"]
-    backend = load_backend(model_path)
-    if lora is not None:
-        backend.load_lora(str(lora))
-    result = {}
-    for name, prompts in prompt_sets.items():
-        r = evaluate_grid(backend, prompts, seeds, encoder, reward_fn)
-        result[name] = {"reward": r["reward"], "vendi": r["vendi"]}
+    measured = measure(model_path, lora, prompt_sets, seeds, encoder, reward_fn)
+    result = {name: {"reward": r["reward"], "vendi": r["vendi"]} for name, r in measured.items()}
     cache.write_text(json.dumps({"key": key, "result": result}))
     return result
 
@@ -114,11 +106,8 @@ def main() -> None:
     base_cfg = load_config("demo", None, common)
     reward_fn = build_reward(base_cfg.rewards)
     encoder = load_encoder(base_cfg.pec.encoder)
-    prompt_sets = {
-        "training": resolve_prompts(base_cfg.prompts.train)[: args.prompts],
-        "held-out": resolve_prompts(base_cfg.prompts.eval)[: args.heldout],
-    }
-    seeds = list(range(1000, 1000 + args.seeds))
+    prompt_sets = evaluation_sets(base_cfg, args.prompts, args.heldout)
+    seeds = list(range(EVAL_SEEDS[0], EVAL_SEEDS[0] + args.seeds))
 
     base = evaluate(base_cfg.model.path, None, prompt_sets, seeds, reward_fn, encoder, out / "base_eval.json")
     runs: dict[str, dict[int, dict]] = {name: {} for name in methods}

@@ -78,52 +78,88 @@ def _train_in_process(config: Config, resume: bool, threads: int, position: int)
 
 
 @torch.no_grad()
+def measure(
+    model_path, lora: Path | None, prompt_sets: dict[str, list[str]], seeds: list[int], encoder, reward_fn
+) -> dict[str, dict]:
+    """The base model (``lora=None``) or base + LoRA on every prompt set at ``seeds`` (ODE): per set the mean task
+    reward, the mean per-prompt Vendi in the encoder's space and the images ``[P·S, 3, H, W]`` (prompt-major)."""
+    backend = load_backend(model_path)
+    if lora is not None:
+        backend.load_lora(str(lora))
+    return {name: evaluate_grid(backend, prompts, seeds, encoder, reward_fn) for name, prompts in prompt_sets.items()}
+
+
+def evaluation_sets(config: Config, training: int = 8, heldout: int = 6) -> dict[str, list[str]]:
+    """The prompts the demo's table and ``studies/flow_grpo_vs_pec.py`` measure: the first training and held-out ones."""
+    return {
+        "training": resolve_prompts(config.prompts.train)[:training],
+        "held-out": resolve_prompts(config.prompts.eval)[:heldout],
+    }
+
+
+#: the fixed seeds of that measurement (16 samples per prompt); the grid shows the first GRID_SEEDS of them
+EVAL_SEEDS = list(range(1000, 1016))
+GRID_SEEDS = 8
+
+
+@torch.no_grad()
 def write_demo_report(folder: Path, configs: dict[str, Config], runs: dict[str, Path]) -> Path:
     """The side-by-side report of finished runs ``{label: run_dir}`` in ``folder``."""
     from comfy_pec.encoders import load_encoder
 
     first = next(iter(configs.values()))
-    prompts = resolve_prompts(first.prompts.eval)[: first.report.grid_prompts]
-    seeds = first.report.grid_seeds
+    prompt_sets = evaluation_sets(first)
     encoder = load_encoder(first.pec.encoder, path=first.pec.encoder_path)
     reward_fn = build_reward(first.rewards)
-    results = {}
     models = [("base model", None), *((k, v / "lora.safetensors") for k, v in runs.items())]
-    for label, lora in tqdm(models, desc="evaluate"):
-        backend = load_backend(first.model.path)
-        if lora is not None:
-            backend.load_lora(str(lora))
-        results[label] = evaluate_grid(backend, prompts, seeds, encoder, reward_fn)
+    results = {
+        label: measure(first.model.path, lora, prompt_sets, EVAL_SEEDS, encoder, reward_fn)
+        for label, lora in tqdm(models, desc="evaluate")
+    }
 
-    # Rows: for each prompt, base / Flow-GRPO / PEC at the same seeds.
-    per_prompt = [r["images"].reshape(len(prompts), len(seeds), *r["images"].shape[1:]) for r in results.values()]
-    images = torch.stack(per_prompt, dim=1).flatten(0, 2)  # [prompt, method, seed] order
-    labels = [f"{name}: {p}" for p in prompts for name in results]
-    image_grid(images, len(seeds), row_labels=labels, upscale=2).save(folder / "grid.png")
+    # Rows: for each held-out prompt shown, base / Flow-GRPO / PEC at the same seeds.
+    shown, seeds = prompt_sets["held-out"][: first.report.grid_prompts], GRID_SEEDS
+    per_prompt = [
+        r["held-out"]["images"].reshape(-1, len(EVAL_SEEDS), *r["held-out"]["images"].shape[1:])
+        for r in results.values()
+    ]
+    images = torch.stack([p[: len(shown), :seeds] for p in per_prompt], dim=1).flatten(0, 2)  # [prompt, method, seed]
+    labels = [f"{name}: {p}" for p in shown for name in results]
+    image_grid(images, seeds, row_labels=labels, upscale=2).save(folder / "grid.png")
     plot_curves([], folder / "curves.png", runs={k: (read_log(v), read_probes(v)) for k, v in runs.items()})
 
-    base, reference = results["base model"], results["Flow-GRPO"]
     lines = [
         "# PEC demo — the paradox side by side",
         "",
         f"Flow-GRPO and PEC trained from the same seed ({first.train.seed}) and budget ({first.train.iterations} "
         f"iterations of {first.train.prompts_per_iteration} prompts × {first.train.group_size} samples) on the "
-        "embedded model; evaluated on held-out prompts at fixed seeds (ODE).",
+        f"embedded model; measured on {len(prompt_sets['training'])} training and {len(prompt_sets['held-out'])} "
+        f"held-out prompts × {len(EVAL_SEEDS)} seeds ({EVAL_SEEDS[0]}–{EVAL_SEEDS[-1]}, ODE).",
         "",
-        "| | task reward | Vendi per prompt | Vendi / base | share of Flow-GRPO's gain |",
-        "| --- | --- | --- | --- | --- |",
+        "| | prompts | task reward | Vendi per prompt | Vendi / base | share of Flow-GRPO's gain |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
-    for label, r in results.items():
-        share = "" if label == "base model" else f"{gain_share(r['reward'], base['reward'], reference['reward']):.2f}"
-        lines.append(f"| {label} | {r['reward']:.4f} | {r['vendi']:.3f} | {r['vendi'] / base['vendi']:.2f} | {share} |")
+    for set_name in prompt_sets:
+        base, reference = results["base model"][set_name], results["Flow-GRPO"][set_name]
+        for label, per_set in results.items():
+            r = per_set[set_name]
+            share = (
+                "" if label == "base model" else f"{gain_share(r['reward'], base['reward'], reference['reward']):.2f}"
+            )
+            lines.append(
+                f"| {label} | {set_name} | {r['reward']:.4f} | {r['vendi']:.3f} | {r['vendi'] / base['vendi']:.2f} | "
+                f"{share} |"
+            )
     lines += [
         "",
-        "Rows: base model, Flow-GRPO, PEC for each prompt, the same seeds in every row.",
+        f"Rows: base model, Flow-GRPO, PEC for each of the first {len(shown)} held-out prompts, the same {seeds} seeds "
+        "in every row.",
         "",
         "![grid](grid.png)",
         "",
         "Fixed probe every few iterations (the same prompts, seeds and SDE steps each time): the policy entropy "
-        "is a property of the schedule, identical for both; the perceptual entropy and Vendi are the policy's.",
+        "is a property of the schedule, identical for both (the two lines coincide); the perceptual entropy and "
+        "Vendi are the policy's.",
         "",
         "![curves](curves.png)",
         "",
@@ -135,7 +171,7 @@ def write_demo_report(folder: Path, configs: dict[str, Config], runs: dict[str, 
         lines.append(f"- {label}: `{lora}` (strength 1.0; its own report: `{run_dir / 'report.md'}`)")
     lines += [
         "",
-        f'Try one: `pec sample --lora {runs["PEC"] / "lora.safetensors"} --prompt "{prompts[0]}"`; in ComfyUI copy it to '
+        f'Try one: `pec sample --lora {runs["PEC"] / "lora.safetensors"} --prompt "{shown[0]}"`; in ComfyUI copy it to '
         "`models/loras/` and load it with LoraLoaderModelOnly or the PEC LoRA Loader.",
         "",
     ]
