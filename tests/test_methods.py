@@ -241,3 +241,25 @@ def test_each_method_trains_and_logs_its_quantities(model_dir, tmp_path, name): 
     if "egrpo" in name:  # one merged jump per iteration, in schedule order
         assert rows[0]["egrpo_merged_steps"][0] == 0 and len(rows[0]["window_steps"]) == 1
         assert rows[1]["egrpo_merged_steps"][0] == rows[0]["egrpo_merged_steps"][-1] + 1
+
+
+def test_the_shuffled_bonus_control_keeps_each_groups_values_and_drops_their_link_to_samples():
+    from trainer.methods.pec import shuffle_within_groups
+
+    values = torch.arange(12.0)
+    shuffled = shuffle_within_groups(values, 4, torch.Generator().manual_seed(0))
+    for g in range(3):
+        assert sorted(shuffled[4 * g : 4 * g + 4].tolist()) == values[4 * g : 4 * g + 4].tolist()
+    assert not torch.equal(shuffled, values)
+    assert torch.equal(shuffled, shuffle_within_groups(values, 4, torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("combine,control", [("relative", "none"), ("decoupled", "shuffled")])
+def test_pec_combinations_and_the_control_train(model_dir, tmp_path, combine, control):  # noqa: F811
+    run = tmp_path / "run"
+    extra = {"train.iterations": 2, "report.grid_seeds": [0], "pec.method": "pec", "pec.combine": combine}
+    train(load_config("demo", None, tiny_overrides(model_dir, run, **extra, **{"pec.bonus_control": control})))
+    rows = read_log(run)
+    assert len(rows) == 2 and all(math.isfinite(r["shaped_reward_mean"]) for r in rows)
+    assert (run / "lora.safetensors").is_file()

@@ -223,6 +223,11 @@ class PecConfig(_Section):
         "the median in-group reward std of the iteration (β in units of the typical reward spread); 'decoupled' "
         "z_group(r) + β·b (every group's reward z-scored first)",
     )
+    bonus_control: Literal["none", "shuffled"] = Field(
+        "none",
+        description="PEC: 'shuffled' permutes each group's bonuses at random before they are added — a control with "
+        "the bonus's exact spread and no link to the sample it is added to (how much of PEC is the energy itself?)",
+    )
     one_sided: bool = Field(False, description="PCVAE: penalise only gains below the calibration")
     beta_target: float | None = Field(
         None,

@@ -59,9 +59,11 @@ class PEC(Method):
         bonus_clip: float | None,
         auto: AutoBeta | None = None,
         combine: str = "sum",
+        control: str = "none",
     ):
         self.beta, self.step_norm, self.bonus_clip, self.auto = beta, step_norm, bonus_clip, auto
-        self.combine = combine
+        self.combine, self.control = combine, control
+        self._iteration = 0
         self.reference: float | None = None  # the base policy's probe Vendi
         self._run: RunContext | None = None
         self._log: dict[str, Any] = {}
@@ -77,7 +79,7 @@ class PEC(Method):
             auto = AutoBeta(
                 p.beta_target, p.beta_lr, p.beta_min, p.beta_max, p.probe_prompts, p.probe_seeds, p.probe_every
             )
-        return cls(pec.beta, pec.step_norm, pec.bonus_clip, auto, pec.combine)
+        return cls(pec.beta, pec.step_norm, pec.bonus_clip, auto, pec.combine, pec.bonus_control)
 
     def setup(self, run: RunContext) -> None:
         self._run = run
@@ -90,7 +92,7 @@ class PEC(Method):
             self._probe_seeds = [x for _ in chosen for x in seeds]
 
     def begin_iteration(self, iteration: int) -> None:
-        self._log = {}
+        self._log, self._iteration = {}, iteration
         if self.auto is None or iteration % self.auto.every:
             return
         start = time.perf_counter()
@@ -129,6 +131,8 @@ class PEC(Method):
     def shape(self, rewards: torch.Tensor, inputs: ShapeInputs) -> torch.Tensor:
         bonus = pec_bonus(inputs.stats.energy, inputs.group_size, self.step_norm, clip=self.bonus_clip)
         g = inputs.group_size
+        if self.control == "shuffled":
+            bonus = shuffle_within_groups(bonus, g, iteration_rng(self._run.seed, -3 - self._iteration))
         # Per group: the task reward's spread and the β·bonus spread (where the second is larger, the bonus
         # decides the group's advantages), and the mean energy per trained step.
         self._log.update(
@@ -152,6 +156,12 @@ class PEC(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.beta = state.get("beta", self.beta)
         self.reference = state.get("reference")
+
+
+def shuffle_within_groups(values: torch.Tensor, group_size: int, generator: torch.Generator) -> torch.Tensor:
+    """``values`` ``[N]`` (group-contiguous) with each group's entries in a random order (``generator``'s)."""
+    order = torch.rand(values.shape[0] // group_size, group_size, generator=generator).argsort(dim=1)
+    return values.reshape(-1, group_size).gather(1, order.to(values.device)).reshape(-1)
 
 
 class PCVAE(Method):
