@@ -53,6 +53,15 @@ def evaluate(model_path, lora, prompt_sets: dict[str, list[str]], seeds, reward_
     return result
 
 
+def finished(run_dir: Path, config) -> bool:
+    """Whether ``run_dir`` holds a finished run of ``config``: its LoRA exists and its saved configuration, read
+    with today's schema (new switches at their defaults, which keep the old behaviour), equals ``config``."""
+    saved = run_dir / "config.yaml"
+    if not (run_dir / "lora.safetensors").is_file() or not saved.is_file():
+        return False
+    return load_config(None, str(saved)).model_dump() == config.model_dump()
+
+
 def judge(base: dict, flow_grpo: dict, pec: dict) -> dict:
     """One seed (or the means) on one prompt set: PEC's and Flow-GRPO's Vendi / base and PEC's gain share."""
     return {
@@ -129,7 +138,8 @@ def main() -> None:
             run_dir = out / f"{name}_seed{train_seed}"
             cfg = load_config("demo", None, [*common, f"train.seed={train_seed}", *overrides, f"run.dir={run_dir}"])
             start = time.perf_counter()
-            train(cfg)
+            if not finished(run_dir, cfg):
+                train(cfg)
             result = evaluate(
                 cfg.model.path,
                 run_dir / "lora.safetensors",
