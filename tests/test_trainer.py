@@ -2,6 +2,7 @@
 NaN rewards, LoRA export and report."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from comfy_pec.sde import stochastic_steps
 from trainer import rewards as reward_registry
 from trainer.backends import load_backend
 from trainer.backends.random_init import build_pipeline, save_pipeline
+from trainer.checkpoint import complete_checkpoints
 from trainer.config import load_config
 from trainer.distributed import SINGLE_PROCESS, Parallel
 from trainer.grpo import group_advantages
@@ -214,6 +216,24 @@ def test_resume_refuses_a_different_config(model_dir, tmp_path):
     train(load_config("demo", None, tiny_overrides(model_dir, run, **{"train.iterations": 1})))
     with pytest.raises(Exception, match="another configuration"):
         train(load_config("demo", None, tiny_overrides(model_dir, run, **{"train.iterations": 1, "pec.beta": 0.9})))
+
+
+def test_a_run_from_before_a_new_switch_resumes(model_dir, tmp_path):
+    """An older trainer's checkpoint has another fingerprint (its schema lacked today's new switches), but its
+    config.yaml, read with today's schema, is the same configuration: it resumes; another config is refused."""
+    run = tmp_path / "run"
+    overrides = tiny_overrides(model_dir, run, **{"train.iterations": 2})
+    train(load_config("demo", None, overrides))
+    first, last = complete_checkpoints(run)[0], complete_checkpoints(run)[-1]
+    shutil.rmtree(last)
+    state = torch.load(first / "state.pt", weights_only=False)
+    state["fingerprint"] = "made-by-an-older-schema"
+    torch.save(state, first / "state.pt")
+    train(load_config("demo", None, overrides))  # resumes from iteration 1
+    assert [r["iteration"] for r in read_log(run)] == [0, 1]
+    shutil.rmtree(complete_checkpoints(run)[-1])
+    with pytest.raises(Exception, match="another configuration"):
+        train(load_config("demo", None, [*overrides, "pec.beta=0.9"]))
 
 
 def test_perceptual_phase_is_skipped_only_where_nothing_needs_it(model_dir, tmp_path):

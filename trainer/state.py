@@ -18,6 +18,7 @@ from comfy_pec.lora_format import save_lora
 
 from .backends import Backend
 from .checkpoint import latest_checkpoint, load_state, save_checkpoint
+from .config import ConfigError, load_config
 from .distributed import Parallel
 from .fsdp import full_lora_state, full_optimizer_state, load_optimizer_state, lora_parameters, shard_transformer
 from .lora import add_lora, lora_state, set_lora_state
@@ -74,7 +75,7 @@ class RunState:
         found = latest_checkpoint(run_dir) if resume else None
         saved = load_state(found) if found is not None else None
         if saved is not None:
-            if saved["fingerprint"] != config.fingerprint():
+            if saved["fingerprint"] != config.fingerprint() and not _same_config_older_schema(run_dir, config):
                 raise PECError(
                     f"{run_dir} holds a run with another configuration (hash {saved['fingerprint']} vs "
                     f"{config.fingerprint()}); use a new run.dir or the same config"
@@ -171,3 +172,14 @@ class RunState:
             lambda p: self.export(p, iteration, lora=exported),
             self.keep,
         )
+
+
+def _same_config_older_schema(run_dir: Path, config) -> bool:
+    """Whether the run's saved ``config.yaml``, read with today's schema, is ``config``: a run made before a
+    switch was added (at its default, which keeps the old behaviour) has another fingerprint but the same
+    settings, and resumes."""
+    saved = run_dir / "config.yaml"
+    try:
+        return saved.is_file() and load_config(None, str(saved)).fingerprint() == config.fingerprint()
+    except ConfigError:  # a key today's schema no longer has: not the same configuration
+        return False
