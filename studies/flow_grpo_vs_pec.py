@@ -31,6 +31,7 @@ from comfy_pec.encoders import load_encoder
 from trainer.config import load_config
 from trainer.demo import EVAL_SEEDS, evaluation_sets, gain_share, measure
 from trainer.rewards import build_reward
+from trainer.state import same_configuration
 from trainer.train import train
 
 #: issue #18's targets: per seed, on the means, and the slack of the held-out means
@@ -54,12 +55,9 @@ def evaluate(model_path, lora, prompt_sets: dict[str, list[str]], seeds, reward_
 
 
 def finished(run_dir: Path, config) -> bool:
-    """Whether ``run_dir`` holds a finished run of ``config``: its LoRA exists and its saved configuration, read
-    with today's schema (new switches at their defaults, which keep the old behaviour), equals ``config``."""
-    saved = run_dir / "config.yaml"
-    if not (run_dir / "lora.safetensors").is_file() or not saved.is_file():
-        return False
-    return load_config(None, str(saved)).model_dump() == config.model_dump()
+    """Whether ``run_dir`` holds a finished run of ``config`` (its LoRA is written): reused without the resume's
+    final probe, export and report."""
+    return (run_dir / "lora.safetensors").is_file() and same_configuration(run_dir, config)
 
 
 def judge(base: dict, flow_grpo: dict, pec: dict) -> dict:

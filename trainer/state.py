@@ -75,7 +75,7 @@ class RunState:
         found = latest_checkpoint(run_dir) if resume else None
         saved = load_state(found) if found is not None else None
         if saved is not None:
-            if saved["fingerprint"] != config.fingerprint() and not _same_config_older_schema(run_dir, config):
+            if saved["fingerprint"] != config.fingerprint() and not same_configuration(run_dir, config):
                 raise PECError(
                     f"{run_dir} holds a run with another configuration (hash {saved['fingerprint']} vs "
                     f"{config.fingerprint()}); use a new run.dir or the same config"
@@ -174,10 +174,10 @@ class RunState:
         )
 
 
-def _same_config_older_schema(run_dir: Path, config) -> bool:
+def same_configuration(run_dir: Path, config) -> bool:
     """Whether the run's saved ``config.yaml``, read with today's schema, is ``config``: a run made before a
-    switch was added (at its default, which keeps the old behaviour) has another fingerprint but the same
-    settings, and resumes."""
+    switch was added (at its default, which keeps the old behaviour) has another fingerprint in its
+    checkpoints but the same settings, and resumes."""
     saved = run_dir / "config.yaml"
     try:
         return saved.is_file() and load_config(None, str(saved)).fingerprint() == config.fingerprint()
