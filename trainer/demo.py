@@ -1,11 +1,12 @@
 """`pec demo`: the paradox side by side — Flow-GRPO and PEC trained from the same seed and budget on the
 embedded model, then one report (docs/design.md §9).
 
-Both runs use the ``demo`` preset with its fixed probe on; they differ only in ``pec.method``. The report
-shows, for held-out prompts at the same seeds, the base model, the Flow-GRPO LoRA and the PEC LoRA one row
-each; the probe curves of both runs on shared axes (the closed-form policy entropy: two identical flat
-lines; the perceptual entropy and Vendi: Flow-GRPO falls, PEC holds); and a table of reward, Vendi,
-Vendi/base and each method's share of Flow-GRPO's reward gain.
+Both runs use the ``demo`` preset with its fixed probe on; they differ only in ``pec.method``, and they train
+side by side in two processes. The report shows, for held-out prompts at the same seeds, the base model, the
+Flow-GRPO LoRA and the PEC LoRA one row each; the probe curves of both runs on shared axes (the closed-form
+policy entropy: two identical flat lines; the perceptual entropy and Vendi: each policy's own); and a table of
+reward, Vendi, Vendi/base and each method's share of Flow-GRPO's reward gain on training and held-out prompts
+(:func:`measure`, the measurement ``studies/flow_grpo_vs_pec.py`` makes per seed).
 """
 
 from __future__ import annotations
