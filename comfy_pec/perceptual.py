@@ -19,11 +19,11 @@ __all__ = [
     "adaptive_beta",
     "decoupled_reward",
     "perceptual_energy",
-    "relative_reward",
     "perceptual_entropy",
     "pcvae_gain",
     "pcvae_penalty",
     "pec_bonus",
+    "relative_reward",
 ]
 
 
@@ -110,13 +110,27 @@ def pec_bonus(
         raise PECError(f"clip bounds z-scores: it needs step_norm='zscore', got {step_norm!r}")
     e = energy.float()
     if step_norm == "zscore":
-        grouped = e.reshape(-1, group_size, e.shape[1])
-        mean = grouped.mean(dim=1, keepdim=True)
-        std = grouped.std(dim=1, unbiased=False, keepdim=True)
-        e = ((grouped - mean) / (std + eps)).reshape_as(e)
+        e = _group_zscore(e, group_size, eps)
         if clip is not None:
             e = e.clamp(-clip, clip)
     return e.mean(dim=1)
+
+
+def _group_zscore(x: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:
+    """``(x - mean_group) / (std_group + eps)`` along dim 0 (groups of ``group_size`` contiguous rows,
+    population std), per trailing element; ``x`` ``[N, ...]`` float → the same shape."""
+    grouped = x.reshape(-1, group_size, *x.shape[1:])
+    mean = grouped.mean(dim=1, keepdim=True)
+    std = grouped.std(dim=1, unbiased=False, keepdim=True)
+    return ((grouped - mean) / (std + eps)).reshape_as(x)
+
+
+def _check_reward_and_bonus(rewards: torch.Tensor, bonus: torch.Tensor, group_size: int) -> None:
+    if rewards.shape != bonus.shape or rewards.dim() != 1 or rewards.shape[0] % group_size:
+        raise PECError(
+            f"rewards and bonus must both be [N] with N a multiple of group_size {group_size}, "
+            f"got {tuple(rewards.shape)} and {tuple(bonus.shape)}"
+        )
 
 
 def decoupled_reward(rewards: torch.Tensor, bonus: torch.Tensor, beta: float, group_size: int, eps: float = 1e-4):
@@ -128,14 +142,8 @@ def decoupled_reward(rewards: torch.Tensor, bonus: torch.Tensor, beta: float, gr
     by the bonus alone and one with a wide spread by the reward alone. ``rewards`` and ``bonus`` are
     ``[N]``, group-contiguous; a non-finite reward stays non-finite (its group is dropped later). → ``[N]``.
     """
-    if rewards.shape != bonus.shape or rewards.dim() != 1 or rewards.shape[0] % group_size:
-        raise PECError(
-            f"rewards and bonus must both be [N] with N a multiple of group_size {group_size}, "
-            f"got {tuple(rewards.shape)} and {tuple(bonus.shape)}"
-        )
-    r = rewards.float().reshape(-1, group_size)
-    z = (r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, unbiased=False, keepdim=True) + eps)
-    return z.reshape(-1) + beta * bonus.float()
+    _check_reward_and_bonus(rewards, bonus, group_size)
+    return _group_zscore(rewards.float(), group_size, eps) + beta * bonus.float()
 
 
 def relative_reward(rewards: torch.Tensor, bonus: torch.Tensor, beta: float, group_size: int) -> torch.Tensor:
@@ -147,11 +155,7 @@ def relative_reward(rewards: torch.Tensor, bonus: torch.Tensor, beta: float, gro
     on the seed or on how far training has sharpened the policy. Groups holding a non-finite reward are
     left out of ``m`` and stay non-finite. ``rewards``, ``bonus`` ``[N]`` group-contiguous. → ``[N]``.
     """
-    if rewards.shape != bonus.shape or rewards.dim() != 1 or rewards.shape[0] % group_size:
-        raise PECError(
-            f"rewards and bonus must both be [N] with N a multiple of group_size {group_size}, "
-            f"got {tuple(rewards.shape)} and {tuple(bonus.shape)}"
-        )
+    _check_reward_and_bonus(rewards, bonus, group_size)
     spread = rewards.float().reshape(-1, group_size).std(dim=1, unbiased=False)
     finite = spread[torch.isfinite(spread)]
     m = finite.median() if finite.numel() else spread.new_zeros(())
