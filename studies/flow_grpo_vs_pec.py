@@ -101,8 +101,8 @@ def heldout_checks(means: dict) -> dict[str, bool]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=None, help="train.iterations (default: the preset's)")
-    parser.add_argument("--prompts", type=int, default=8, help="training prompts evaluated")
-    parser.add_argument("--heldout", type=int, default=6, help="held-out prompts evaluated")
+    parser.add_argument("--prompts", type=int, default=None, help="training prompts evaluated (default: all)")
+    parser.add_argument("--heldout", type=int, default=None, help="held-out prompts evaluated (default: all)")
     parser.add_argument("--seeds", type=int, default=16, help="samples per prompt in the evaluation (seeds 1000...)")
     parser.add_argument("--train-seeds", type=int, nargs="+", default=[0], help="train.seed of each run per method")
     parser.add_argument("--out", default="runs/study_flow_grpo_vs_pec")

@@ -90,8 +90,10 @@ def measure(
     return {name: evaluate_grid(backend, prompts, seeds, encoder, reward_fn) for name, prompts in prompt_sets.items()}
 
 
-def evaluation_sets(config: Config, training: int = 8, heldout: int = 6) -> dict[str, list[str]]:
-    """The prompts the demo's table and ``studies/flow_grpo_vs_pec.py`` measure: the first training and held-out ones."""
+def evaluation_sets(config: Config, training: int | None = None, heldout: int | None = None) -> dict[str, list[str]]:
+    """The prompts the demo's table and ``studies/flow_grpo_vs_pec.py`` measure: the first ``training`` training and
+    ``heldout`` held-out prompts, every one of them by default. A few first prompts are not a sample of the set: the
+    toy set's first 8 name only red and yellow shapes, and a run's collapse differs from colour to colour."""
     return {
         "training": resolve_prompts(config.prompts.train)[:training],
         "held-out": resolve_prompts(config.prompts.eval)[:heldout],
