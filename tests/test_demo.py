@@ -9,6 +9,8 @@ from trainer.demo import demo_configs, gain_share, run_demo
 from trainer.runlog import read_probes
 
 PROBE = {"probe.every": 1, "probe.prompts": 1, "probe.seeds": [0, 1, 2], "probe.steps": [0, 1]}
+# The report measures every training and held-out prompt: a few keep the test short.
+PROMPTS = {"prompts.train": ["a red circle", "a blue square", "a green ring"], "prompts.eval": ["a yellow star"]}
 
 
 def test_gain_share_is_the_share_of_the_reference_gain():
@@ -27,10 +29,11 @@ def test_demo_configs_differ_only_in_the_method_and_folder(tmp_path):
 
 @pytest.mark.slow
 def test_demo_trains_both_side_by_side_and_reports_the_paradox(model_dir, tmp_path):  # noqa: F811
-    report = run_demo(tiny_overrides(model_dir, tmp_path, **PROBE), workers=2)
+    report = run_demo(tiny_overrides(model_dir, tmp_path, **PROBE, **PROMPTS), workers=2)
     text = report.read_text()
     for row in ("| base model |", "| Flow-GRPO |", "| PEC |"):
         assert row in text
+    assert "measured on 3 training and 1 held-out prompts" in text
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "curves.png").is_file()
     probes = {label: read_probes(tmp_path / label) for label in ("flow-grpo", "pec")}
     for rows in probes.values():

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -52,30 +52,50 @@ def run_demo(overrides: list[str], resume: bool = True, workers: int | None = No
     configs = demo_configs(overrides)
     folder = Path(load_config("demo", None, overrides).run.dir)
     runs = train_side_by_side(configs, resume, workers)
-    return write_demo_report(folder, configs, runs)
+    return write_demo_report(folder, configs, runs, workers)
 
 
 def train_side_by_side(configs: dict[str, Config], resume: bool, workers: int | None = None) -> dict[str, Path]:
     """Train every config, ``workers`` processes at once (default: one per config, as many as there are CPU
     cores), each on its share of the cores; ``{label: run_dir}``. The tiny model's steps keep one core busy,
     not two, so two runs side by side take the time of one."""
+    jobs = {label: (config, resume, position) for position, (label, config) in enumerate(configs.items())}
+    return side_by_side(_train_in_process, jobs, workers)
+
+
+def side_by_side(fn, jobs: dict[str, tuple], workers: int | None = None, desc: str | None = None) -> dict:
+    """``{label: fn(*args, threads)}`` for every ``label: args`` of ``jobs``, ``workers`` spawned processes at once
+    (default: one per job, as many as there are CPU cores), each given ``threads`` = its share of the cores;
+    ``desc`` names a progress bar of finished jobs (none when the jobs draw their own)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = min(len(configs), cores) if workers is None else workers
+    workers = min(len(jobs), cores) if workers is None else workers
+    bar = tqdm(total=len(jobs), desc=desc, disable=desc is None)
     if workers <= 1:
-        return {label: train(config, resume=resume) for label, config in configs.items()}
+        results = {}
+        for label, args in jobs.items():
+            results[label] = fn(*args, torch.get_num_threads())
+            bar.update()
+        bar.close()
+        return results
     # spawn: a forked child would inherit the parent's torch thread pool and locks
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-    with pool:
-        futures = {
-            label: pool.submit(_train_in_process, config, resume, max(1, cores // workers), position)
-            for position, (label, config) in enumerate(configs.items())
-        }
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool, bar:
+        futures = {label: pool.submit(fn, *args, max(1, cores // workers)) for label, args in jobs.items()}
+        for _ in as_completed(futures.values()):
+            bar.update()
         return {label: future.result() for label, future in futures.items()}
 
 
-def _train_in_process(config: Config, resume: bool, threads: int, position: int) -> Path:
+def _train_in_process(config: Config, resume: bool, position: int, threads: int) -> Path:
     torch.set_num_threads(threads)
     return train(config, resume=resume, bar_position=position)
+
+
+def _measure_in_process(config: Config, lora: Path | None, prompt_sets: dict[str, list[str]], threads: int) -> dict:
+    from comfy_pec.encoders import load_encoder
+
+    torch.set_num_threads(threads)
+    encoder = load_encoder(config.pec.encoder, path=config.pec.encoder_path)
+    return measure(config.model.path, lora, prompt_sets, EVAL_SEEDS, encoder, build_reward(config.rewards))
 
 
 @torch.no_grad()
@@ -106,19 +126,16 @@ GRID_SEEDS = 8
 
 
 @torch.no_grad()
-def write_demo_report(folder: Path, configs: dict[str, Config], runs: dict[str, Path]) -> Path:
-    """The side-by-side report of finished runs ``{label: run_dir}`` in ``folder``."""
-    from comfy_pec.encoders import load_encoder
-
+def write_demo_report(
+    folder: Path, configs: dict[str, Config], runs: dict[str, Path], workers: int | None = None
+) -> Path:
+    """The side-by-side report of finished runs ``{label: run_dir}`` in ``folder`` (the models measured
+    ``workers`` at a time, as :func:`side_by_side`)."""
     first = next(iter(configs.values()))
     prompt_sets = evaluation_sets(first)
-    encoder = load_encoder(first.pec.encoder, path=first.pec.encoder_path)
-    reward_fn = build_reward(first.rewards)
-    models = [("base model", None), *((k, v / "lora.safetensors") for k, v in runs.items())]
-    results = {
-        label: measure(first.model.path, lora, prompt_sets, EVAL_SEEDS, encoder, reward_fn)
-        for label, lora in tqdm(models, desc="evaluate")
-    }
+    models = {"base model": None, **{k: v / "lora.safetensors" for k, v in runs.items()}}
+    jobs = {label: (first, lora, prompt_sets) for label, lora in models.items()}
+    results = side_by_side(_measure_in_process, jobs, workers, desc="evaluate")
 
     # Rows: for each held-out prompt shown, base / Flow-GRPO / PEC at the same seeds.
     shown, seeds = prompt_sets["held-out"][: first.report.grid_prompts], GRID_SEEDS
