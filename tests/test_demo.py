@@ -5,7 +5,7 @@ import math
 import pytest
 from test_trainer import model_dir, tiny_overrides  # noqa: F401  (model_dir is a fixture)
 
-from trainer.demo import demo_configs, gain_share, run_demo
+from trainer.demo import demo_configs, gain_share, run_demo, side_by_side
 from trainer.runlog import read_probes
 
 PROBE = {"probe.every": 1, "probe.prompts": 1, "probe.seeds": [0, 1, 2], "probe.steps": [0, 1]}
@@ -25,6 +25,15 @@ def test_demo_configs_differ_only_in_the_method_and_folder(tmp_path):
     assert fg["pec"].pop("method") == "none" and pec["pec"].pop("method") == "pec"
     assert fg["run"].pop("dir").endswith("flow-grpo") and pec["run"].pop("dir").endswith("pec")
     assert fg == pec
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_side_by_side_returns_every_job_by_label_with_its_share_of_threads(workers):
+    # min(arg, threads): each job gets its arguments and then its thread count (at least 1)
+    jobs = {"a": (5,), "b": (1,), "c": (0,)}
+    results = side_by_side(min, jobs, workers, desc="jobs")
+    assert list(results) == ["a", "b", "c"]
+    assert results["b"] == 1 and results["c"] == 0 and results["a"] >= 1
 
 
 @pytest.mark.slow

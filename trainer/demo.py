@@ -69,14 +69,10 @@ def side_by_side(fn, jobs: dict[str, tuple], workers: int | None = None, desc: s
     ``desc`` names a progress bar of finished jobs (none when the jobs draw their own)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = min(len(jobs), cores) if workers is None else workers
-    bar = tqdm(total=len(jobs), desc=desc, disable=desc is None)
     if workers <= 1:
-        results = {}
-        for label, args in jobs.items():
-            results[label] = fn(*args, torch.get_num_threads())
-            bar.update()
-        bar.close()
-        return results
+        items = tqdm(jobs.items(), desc=desc, disable=desc is None)
+        return {label: fn(*args, torch.get_num_threads()) for label, args in items}
+    bar = tqdm(total=len(jobs), desc=desc, disable=desc is None)
     # spawn: a forked child would inherit the parent's torch thread pool and locks
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool, bar:
         futures = {label: pool.submit(fn, *args, max(1, cores // workers)) for label, args in jobs.items()}
