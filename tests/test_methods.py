@@ -171,6 +171,7 @@ def test_prompt_noise_anneals_linearly_to_zero():
         (["sampling.window.rule=egrpo", "sampling.sde=cps"], "E-GRPO needs sampling.sde=flow_sde"),
         (["sampling.window.rule=egrpo", "pec.method=pcvae"], "PCVAE's calibration"),
         (["train.cov.kind=kl_cov", "train.cov.kl_beta=0"], "greater than 0"),
+        (["pec.energy_draw=group", "pec.decode=x0"], "energy_draw=group perturbs μ_old itself"),
     ],
 )
 def test_method_combinations_that_cannot_work_fail_naming_the_rule(overrides, rule):
@@ -254,12 +255,28 @@ def test_the_shuffled_bonus_control_keeps_each_groups_values_and_drops_their_lin
     assert torch.equal(shuffled, shuffle_within_groups(values, 4, torch.Generator().manual_seed(0)))
 
 
+def test_the_group_draw_perturbs_every_mean_by_its_groups_own_noise():
+    from trainer.rollout import group_draw_latents
+
+    means, stds = torch.randn(4, 3, 2, 5, 5), torch.tensor([0.5, 0.2, 0.1])
+    seeds = torch.tensor([7, 7, 9, 9])
+    drawn = group_draw_latents(means, stds, seeds)
+    eps = (drawn - means) / stds.reshape(1, 3, 1, 1, 1)
+    assert torch.allclose(eps[0], eps[1], atol=1e-5) and torch.allclose(eps[2], eps[3], atol=1e-5)  # one per group
+    assert not torch.allclose(eps[0], eps[2])
+    assert torch.allclose(eps[0], torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(7)), atol=1e-5)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("combine,control", [("relative", "none"), ("decoupled", "shuffled")])
-def test_pec_combinations_and_the_control_train(model_dir, tmp_path, combine, control):  # noqa: F811
+@pytest.mark.parametrize(
+    "combine,control,draw",
+    [("relative", "none", "sample"), ("decoupled", "shuffled", "sample"), ("sum", "none", "group")],
+)
+def test_pec_combinations_and_the_control_train(model_dir, tmp_path, combine, control, draw):  # noqa: F811
     run = tmp_path / "run"
     extra = {"train.iterations": 2, "report.grid_seeds": [0], "pec.method": "pec", "pec.combine": combine}
-    train(load_config("demo", None, tiny_overrides(model_dir, run, **extra, **{"pec.bonus_control": control})))
+    extra |= {"pec.bonus_control": control, "pec.energy_draw": draw}
+    train(load_config("demo", None, tiny_overrides(model_dir, run, **extra)))
     rows = read_log(run)
     assert len(rows) == 2 and all(math.isfinite(r["shaped_reward_mean"]) for r in rows)
     assert (run / "lora.safetensors").is_file()

@@ -213,6 +213,12 @@ class PecConfig(_Section):
     encoder_path: str | None = Field(None, description="weights for the encoder; null = its shipped/hub weights")
     normalize_features: bool = True
     decode: Literal["noisy", "x0"] = "noisy"
+    energy_draw: Literal["sample", "group"] = Field(
+        "sample",
+        description="which noise draw perturbs μ_old in the residual energy: 'sample' each sample's own x' (the "
+        "paper's); 'group' one draw per group and step, shared by its samples (common random numbers: in-group "
+        "energy differences then come from the states, not from the draws)",
+    )
     step_norm: Literal["zscore", "none"] = "zscore"
     bonus_clip: float | None = Field(
         None, gt=0, description="PEC: bound each step's z-scored energy to ±bonus_clip (null = unbounded, eq. 17)"
@@ -364,6 +370,8 @@ class Config(_Section):
         if self.pec.bonus_clip is not None and self.pec.step_norm != "zscore":
             raise ValueError("pec.bonus_clip bounds z-scored energies: it needs pec.step_norm=zscore")
         pec = self.pec
+        if pec.energy_draw == "group" and pec.decode != "noisy":
+            raise ValueError("pec.energy_draw=group perturbs μ_old itself: it needs pec.decode=noisy")
         if pec.method == "pec" and pec.beta_target is not None and not pec.beta_min <= pec.beta <= pec.beta_max:
             raise ValueError(
                 f"automatic β starts at pec.beta ({pec.beta}), which must lie in [pec.beta_min, pec.beta_max] "

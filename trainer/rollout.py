@@ -8,6 +8,7 @@ the perceptual quantities of those steps (docs/design.md §5).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -141,6 +142,18 @@ def rollout(
     )
 
 
+def group_draw_latents(means: torch.Tensor, stds: torch.Tensor, draw_seeds: torch.Tensor) -> torch.Tensor:
+    """``x̃'_{i,t} = μ_{i,t} + std_t·ε_{g,t}``: every trained step's mean perturbed by a draw that sample i
+    shares with the samples of the same seed (its group's), common random numbers for the residual energy.
+
+    ``means`` ``[N, T, ...]``, ``stds`` ``[T]``, ``draw_seeds`` ``[N]`` → ``[N, T, ...]``, like ``means``.
+    """
+    gens = [torch.Generator().manual_seed(int(s)) for s in draw_seeds]
+    eps = seeded_noise(means.shape, gens, means.device).to(means.dtype)
+    std = stds.to(means.device, means.dtype).reshape(1, -1, *([1] * (means.dim() - 2)))
+    return means + std * eps
+
+
 @torch.no_grad()
 def perceive(
     backend: Backend,
@@ -151,12 +164,17 @@ def perceive(
     decode: str = "noisy",
     chunk_size: int = 32,
     batch_size: int = 8,
+    draw_seeds: torch.Tensor | None = None,
 ) -> PerceptualStats:
     """docs/design.md §5 on the rollout buffer: decode and embed ``x'`` and ``μ_old`` of every trained step.
 
     ``decode="x0"`` embeds the clean predictions instead: ``x̂0(x')`` came free with the rollout,
     ``x̂0(μ_old)`` costs one forward per step at σ' (``batch_size`` samples at a time).
+    ``draw_seeds`` ``[N]`` (``pec.energy_draw: group``; equal within a group) replace each ``x'`` by
+    :func:`group_draw_latents`; the latent energy then measures that draw too.
     """
+    if draw_seeds is not None:
+        ro = dataclasses.replace(ro, next_latents=group_draw_latents(ro.means, ro.stds, draw_seeds))
     targets = None
     if decode == "x0":
         mean_x0 = torch.empty_like(ro.means)

@@ -88,7 +88,7 @@ def train(
         rewards = parallel.gather(rewards, setup.layout)
         parts = {k: parallel.gather(v, setup.layout) for k, v in parts.items()}
         clock.lap("reward")
-        local_stats, stats, features = perceive_iteration(setup, run.backend, ro, draw.schedule)
+        local_stats, stats, features = perceive_iteration(setup, run.backend, ro, draw)
         clock.lap("perceptual")
 
         shaped, keep = shape_rewards(methods, ShapeInputs(rewards, stats, features, ro.steps, group))
@@ -156,6 +156,7 @@ class Setup:
     update: UpdateSettings
     measure: bool  # perceive every iteration (a method needs it, or run.perceptual_stats)
     decode: str  # pec.decode
+    energy_draw: str  # pec.energy_draw
     chunk_size: int  # pec.chunk_size
     probe: Probe
 
@@ -194,6 +195,7 @@ def set_up(config: Config, backend: Backend | None, resume: bool, progress: bool
         update=update_settings(config, settings),
         measure=config.run.perceptual_stats or any(m.uses_perceptual for m in run.methods),
         decode=pec.decode,
+        energy_draw=pec.energy_draw,
         chunk_size=pec.chunk_size,
         probe=make_probe(config, eval_prompts, len(settings.sigmas) - 1),
     )
@@ -258,13 +260,20 @@ class IterationDraw:
     init_seeds: torch.Tensor | None  # [N] when a group shares its initial noise
     noise: PromptNoise | None  # DRIFT's prompt-embedding noise
     prompt_ids: list[int]  # [P] indices of the drawn prompts in the training set
+    group_seeds: torch.Tensor  # [N], the seed of each sample's group (its first sample's)
 
     def mine(self, layout: SampleLayout) -> IterationDraw:
         """This rank's samples (all of them in one process)."""
         noise = None if self.noise is None else dataclasses.replace(self.noise, seeds=layout.mine(self.noise.seeds))
         mine = layout.mine
         return IterationDraw(
-            mine(self.prompts), mine(self.seeds), self.schedule, mine(self.init_seeds), noise, self.prompt_ids
+            mine(self.prompts),
+            mine(self.seeds),
+            self.schedule,
+            mine(self.init_seeds),
+            noise,
+            self.prompt_ids,
+            mine(self.group_seeds),
         )
 
 
@@ -279,21 +288,32 @@ def draw_iteration(
     batch_prompts = [prompts[c] for c in chosen for _ in range(group_size)]
     seeds = torch.randint(2**62, (len(batch_prompts),), generator=gen)
     schedule = next(s for m in methods if (s := m.schedule(iteration, gen)) is not None)
-    init_seeds = group_initial_seeds(seeds, group_size, schedule.shared_init)
+    group_seeds = group_initial_seeds(seeds, group_size, shared=True)
+    init_seeds = group_seeds if schedule.shared_init else None
     noise = next((n for m in methods if (n := m.prompt_noise(iteration, gen, len(batch_prompts))) is not None), None)
-    return IterationDraw(batch_prompts, seeds, schedule, init_seeds, noise, chosen)
+    return IterationDraw(batch_prompts, seeds, schedule, init_seeds, noise, chosen, group_seeds)
 
 
 def perceive_iteration(
-    setup: Setup, backend: Backend, ro: Rollout, schedule: Schedule
+    setup: Setup, backend: Backend, ro: Rollout, draw: IterationDraw
 ) -> tuple[PerceptualStats | None, PerceptualStats | None, torch.Tensor | None]:
     """This rank's perceptual stats of the trained steps, every rank's (whole groups: PEC's z-score), and the
     perceptual features of every rank's final images ``[N, d_f]``; all ``None`` when nothing measures."""
     if not setup.measure:
         return None, None, None
     s, parallel, layout = setup.settings, setup.parallel, setup.layout
+    # The group's draw: seeded by its first sample's seed, offset from the initial noise that seed may also draw.
+    draw_seeds = draw.group_seeds + 1 if setup.energy_draw == "group" else None
     local = perceive(
-        backend, setup.encoder, ro, schedule.sigmas, s.guidance, setup.decode, setup.chunk_size, s.batch_size
+        backend,
+        setup.encoder,
+        ro,
+        draw.schedule.sigmas,
+        s.guidance,
+        setup.decode,
+        setup.chunk_size,
+        s.batch_size,
+        draw_seeds,
     )
     images = ro.images.to(backend.device)
     features = embed_latents(lambda x: x, setup.encoder, images, setup.chunk_size).cpu()
