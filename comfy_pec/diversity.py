@@ -57,6 +57,7 @@ def vendi_score(
     *,
     dtype: torch.dtype = torch.float32,
     eig_tol: float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Vendi score of order q: the effective number of distinct samples under a cosine kernel.
 
@@ -65,6 +66,8 @@ def vendi_score(
     ``X̂`` (never centred). The non-zero eigenvalues of ``X̂ X̂ᵀ/n`` [n×n] and ``X̂ᵀ X̂/n`` [d×d] are the
     same, so the smaller form is decomposed. Eigenvalues are clamped at 0, those below ``eig_tol``
     (default ``m·eps·λ_max``, m the matrix size) are zeroed, and the rest renormalised to sum 1.
+    With ``weights`` w (the samples' probabilities) λ are those of ``W^½ K W^½``, ``W = diag(w / Σw)``:
+    the Vendi of the weighted population (uniform weights give ``K/n``). Differentiable in ``weights``.
 
     Args:
         features: ``[N, D]`` or ``[P, N, D]``; any scale (rows are normalised). A zero row counts as
@@ -72,6 +75,7 @@ def vendi_score(
         q: order, ≥ 0 (``float('inf')`` allowed).
         dtype: compute dtype; ``torch.float64`` for reference-grade values.
         eig_tol: absolute eigenvalue threshold (in units of the normalised spectrum).
+        weights: ``[N]`` or ``[P, N]`` non-negative sample weights, each set's summing to > 0.
     Returns:
         0-d tensor for ``[N, D]``, ``[P]`` for ``[P, N, D]``; 1 for identical rows, N for orthogonal rows.
     """
@@ -80,7 +84,12 @@ def vendi_score(
     x, single = _as_sets(features, dtype)
     n, d = x.shape[-2], x.shape[-1]
     x = F.normalize(x, dim=-1)
-    gram = x @ x.mT if n <= d else x.mT @ x
+    if weights is not None:
+        w = weights.to(dtype).reshape(x.shape[:-1])
+        if bool((w < 0).any()) or not bool((w.sum(-1) > 0).all()):
+            raise PECError("Vendi weights must be non-negative with a positive sum in every set")
+        x, n = x * (w / w.sum(-1, keepdim=True)).sqrt().unsqueeze(-1), 1
+    gram = x @ x.mT if x.shape[-2] <= d else x.mT @ x
     lam = torch.linalg.eigvalsh(gram / n).clamp_min(0.0)
     tol = lam.shape[-1] * torch.finfo(dtype).eps * lam.amax(-1, keepdim=True) if eig_tol is None else eig_tol
     lam = torch.where(lam > tol, lam, 0.0)

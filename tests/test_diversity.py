@@ -105,6 +105,23 @@ def test_vendi_bad_input():
     assert float(vendi_score(torch.zeros(4, 5))) == pytest.approx(1.0)  # degenerate, not NaN
 
 
+def test_weighted_vendi_counts_a_weight_as_copies_and_uniform_weights_as_none():
+    x = torch.randn(3, 10, 6, dtype=torch.float64)
+    assert torch.allclose(
+        vendi_score(x, weights=torch.full((3, 10), 7.0), dtype=torch.float64), vendi_score(x, dtype=torch.float64)
+    )
+    doubled = torch.cat([x[0], x[0, :2]])  # samples 0 and 1 twice = weight 2 each
+    w = torch.tensor([2.0, 2.0] + [1.0] * 8)
+    assert torch.allclose(vendi_score(doubled, dtype=torch.float64), vendi_score(x[0], weights=w, dtype=torch.float64))
+    assert float(vendi_score(x[0], weights=torch.eye(10)[3], dtype=torch.float64)) == pytest.approx(1.0)
+    w = torch.rand(10, dtype=torch.float64, requires_grad=True)
+    vendi_score(x[0], weights=w, dtype=torch.float64).backward()
+    assert torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
+    for bad in (torch.zeros(10), -torch.ones(10)):
+        with pytest.raises(PECError, match="weights"):
+            vendi_score(x[0], weights=bad)
+
+
 def test_feature_variance_raw_and_normalised():
     x = torch.randn(3, 20, 8, dtype=torch.float64) * 2 + 5
     raw = feature_variance(x)
