@@ -117,6 +117,7 @@ def plot(path: Path, kl: list[dict], vendi: list[dict], loras: dict[str, dict], 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for points, label in ((kl, "KL-regularised optimum p ∝ p_base·exp(r/τ)"), (vendi, "Vendi-optimal reweighting")):
@@ -126,9 +127,13 @@ def plot(path: Path, kl: list[dict], vendi: list[dict], loras: dict[str, dict], 
         ax.scatter(point["gain"], point["vendi_ratio"], zorder=3)
         ax.annotate(name, (point["gain"], point["vendi_ratio"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     if target is not None:
-        ax.axvspan(target[0], ax.get_xlim()[1], ymin=0, ymax=1, alpha=0.05, color="green")
-        ax.axhline(target[1], color="green", lw=0.8, ls="--")
-        ax.axvline(target[0], color="green", lw=0.8, ls="--", label="issue #18's mean target")
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        box = Rectangle(
+            target, x1 - target[0], y1 - target[1], alpha=0.12, color="green", label="issue #18's mean target"
+        )
+        ax.add_patch(box)
+        ax.set_xlim(x0, x1)
+        ax.set_ylim(y0, y1)
     ax.set_xlabel("task reward gain over the base model")
     ax.set_ylabel("Vendi / base (population)")
     ax.legend(fontsize=7)
