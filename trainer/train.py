@@ -257,10 +257,14 @@ class IterationDraw:
     prompts: list[str]  # [N]
     seeds: torch.Tensor  # [N], each sample's noise
     schedule: Schedule
-    init_seeds: torch.Tensor | None  # [N] when a group shares its initial noise
     noise: PromptNoise | None  # DRIFT's prompt-embedding noise
     prompt_ids: list[int]  # [P] indices of the drawn prompts in the training set
     group_seeds: torch.Tensor  # [N], the seed of each sample's group (its first sample's)
+
+    @property
+    def init_seeds(self) -> torch.Tensor | None:
+        """``[N]`` seeds of the initial noise when a group shares it (the group's seed), else ``None``."""
+        return self.group_seeds if self.schedule.shared_init else None
 
     def mine(self, layout: SampleLayout) -> IterationDraw:
         """This rank's samples (all of them in one process)."""
@@ -270,7 +274,6 @@ class IterationDraw:
             mine(self.prompts),
             mine(self.seeds),
             self.schedule,
-            mine(self.init_seeds),
             noise,
             self.prompt_ids,
             mine(self.group_seeds),
@@ -282,16 +285,16 @@ def draw_iteration(
 ) -> IterationDraw:
     """Every random choice of ``iteration``, in a fixed order from one generator seeded by (seed, iteration):
     the prompts (each repeated ``group_size`` times), a seed per sample, the schedule (the first method that
-    gives one), the initial-noise seeds, and the prompt-embedding noise (``None`` when no method perturbs)."""
+    gives one), each group's seed (its initial noise's, when the group shares it), and the prompt-embedding
+    noise (``None`` when no method perturbs)."""
     gen = iteration_rng(seed, iteration)
     chosen = torch.randint(len(prompts), (prompts_per_iteration,), generator=gen).tolist()
     batch_prompts = [prompts[c] for c in chosen for _ in range(group_size)]
     seeds = torch.randint(2**62, (len(batch_prompts),), generator=gen)
     schedule = next(s for m in methods if (s := m.schedule(iteration, gen)) is not None)
     group_seeds = group_initial_seeds(seeds, group_size, shared=True)
-    init_seeds = group_seeds if schedule.shared_init else None
     noise = next((n for m in methods if (n := m.prompt_noise(iteration, gen, len(batch_prompts))) is not None), None)
-    return IterationDraw(batch_prompts, seeds, schedule, init_seeds, noise, chosen, group_seeds)
+    return IterationDraw(batch_prompts, seeds, schedule, noise, chosen, group_seeds)
 
 
 def perceive_iteration(
