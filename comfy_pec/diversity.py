@@ -18,6 +18,7 @@ from .perceptual import perceptual_energy  # noqa: F401 -- a public name here si
 
 __all__ = [
     "vendi_score",
+    "vendi_gradient",
     "feature_variance",
     "mean_pairwise_distance",
     "select_diverse",
@@ -99,6 +100,47 @@ def vendi_score(
     lam[..., -1] = torch.where(total[..., 0] > 0, lam[..., -1], 1.0)
     score = _hill_number(lam, q)
     return score[0] if single else score
+
+
+def vendi_gradient(
+    samples: torch.Tensor, population: torch.Tensor, *, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """How much each sample would raise the population's Vendi (order 1): ``b_i = -x̂_iᵀ log(M) x̂_i``.
+
+    ``∂ log VS / ∂w_i = -x̂_iᵀ (log M + I) x̂_i`` for the weighted population ``M = Σ_j w_j x̂_j x̂_jᵀ`` (Σ w = 1,
+    ``x̂`` the L2-normalised features; VS = exp(-tr M log M)); the constant ``-1`` is dropped. The pooled
+    population is the ``K`` members of ``population`` (weight ``1/(K+1)`` each) and the G ``samples`` as one
+    more member (``1/((K+1)·G)`` each: samples sharing a start count as one draw of the population), so every
+    ``x̂_i`` lies in the span of M and ``b_i`` is a finite weighted mean of ``-log λ_k`` over M's eigenvalues,
+    large for samples in directions the population rarely takes. Eigenvalues below the :func:`vendi_score`
+    threshold are dropped (directions with no mass).
+
+    Args:
+        samples: ``[G, D]`` or ``[P, G, D]``.
+        population: ``[K, D]`` or ``[P, K, D]`` (K ≥ 1), the same P.
+    Returns:
+        ``[G]`` or ``[P, G]``, float32.
+    """
+    s, single = _as_sets(samples, dtype)
+    pop, _ = _as_sets(population, dtype)
+    if pop.shape[0] != s.shape[0] or pop.shape[-1] != s.shape[-1]:
+        raise PECError(f"samples {tuple(samples.shape)} and population {tuple(population.shape)} do not match")
+    k, g = pop.shape[-2], s.shape[-2]
+    s, pop = F.normalize(s, dim=-1), F.normalize(pop, dim=-1)
+    w = torch.cat([s.new_full((k,), 1.0 / (k + 1)), s.new_full((g,), 1.0 / ((k + 1) * g))])
+    x = torch.cat([pop, s], dim=-2) * w.sqrt().unsqueeze(-1)  # M = xᵀ x
+    if x.shape[-2] <= x.shape[-1]:
+        lam, v = torch.linalg.eigh(x @ x.mT)
+        # M's eigenvectors u_k = xᵀ v_k / √λ_k, so x̂_i·u_k = (x̂_i xᵀ v_k) / √λ_k.
+        proj = (s @ x.mT @ v) / lam.clamp_min(torch.finfo(dtype).tiny).sqrt().unsqueeze(-2)
+    else:
+        lam, u = torch.linalg.eigh(x.mT @ x)
+        proj = s @ u
+    tol = lam.shape[-1] * torch.finfo(dtype).eps * lam.amax(-1, keepdim=True)
+    keep = lam > tol
+    neg_log = torch.where(keep, -torch.log(torch.where(keep, lam, 1.0)), 0.0)
+    b = (torch.where(keep.unsqueeze(-2), proj**2, 0.0) * neg_log.unsqueeze(-2)).sum(-1)
+    return (b[0] if single else b).float()
 
 
 def feature_variance(features: torch.Tensor, normalize: bool = False) -> torch.Tensor:

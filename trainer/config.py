@@ -219,6 +219,16 @@ class PecConfig(_Section):
         "paper's); 'group' one draw per group and step, shared by its samples (common random numbers: in-group "
         "energy differences then come from the states, not from the draws)",
     )
+    bonus: Literal["energy", "vendi"] = Field(
+        "energy",
+        description="PEC: what the bonus b measures: 'energy' the group-z-scored residual energy of the trained steps "
+        "(eq. 17); 'vendi' how much each final image would raise the Vendi of its prompt's population, sampled "
+        "with the ODE from pec.population independent starts of the current policy (comfy_pec.diversity."
+        "vendi_gradient; β in reward units per unit log Vendi)",
+    )
+    population: int = Field(
+        8, ge=1, description="PEC with bonus 'vendi': ODE samples of the current policy per drawn prompt and iteration"
+    )
     step_norm: Literal["zscore", "none"] = "zscore"
     bonus_clip: float | None = Field(
         None, gt=0, description="PEC: bound each step's z-scored energy to ±bonus_clip (null = unbounded, eq. 17)"

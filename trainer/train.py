@@ -91,7 +91,8 @@ def train(
         local_stats, stats, features = perceive_iteration(setup, run.backend, ro, draw)
         clock.lap("perceptual")
 
-        shaped, keep = shape_rewards(methods, ShapeInputs(rewards, stats, features, ro.steps, group))
+        inputs = ShapeInputs(rewards, stats, features, ro.steps, group, [setup.prompts[i] for i in draw.prompt_ids])
+        shaped, keep = shape_rewards(methods, inputs)
         adv = group_advantages(shaped, group, t.adv_std, t.adv_clip, keep=keep)
         nan_streak = nan_streak + 1 if bool(adv.dropped.any()) else 0
         upd = {}
@@ -155,6 +156,7 @@ class Setup:
     settings: RolloutSettings
     update: UpdateSettings
     measure: bool  # perceive every iteration (a method needs it, or run.perceptual_stats)
+    features: bool  # embed the final images (whenever measuring, or a method needs the features alone)
     decode: str  # pec.decode
     energy_draw: str  # pec.energy_draw
     chunk_size: int  # pec.chunk_size
@@ -180,6 +182,7 @@ def set_up(config: Config, backend: Backend | None, resume: bool, progress: bool
     encoder = load_encoder(pec.encoder, normalize=pec.normalize_features, device=backend.device, path=pec.encoder_path)
     settings = rollout_settings(config, backend)
     run = RunState.begin(backend, config, parallel, resume, lora_metadata(config, settings))
+    measure = config.run.perceptual_stats or any(m.uses_perceptual for m in run.methods)
     context = RunContext(backend, encoder, prompts, settings, t.seed, t.prompts_per_iteration, t.group_size)
     for method in run.methods:
         method.setup(context)
@@ -193,7 +196,8 @@ def set_up(config: Config, backend: Backend | None, resume: bool, progress: bool
         encoder=encoder,
         settings=settings,
         update=update_settings(config, settings),
-        measure=config.run.perceptual_stats or any(m.uses_perceptual for m in run.methods),
+        measure=measure,
+        features=measure or any(m.uses_features for m in run.methods),
         decode=pec.decode,
         energy_draw=pec.energy_draw,
         chunk_size=pec.chunk_size,
@@ -301,10 +305,16 @@ def perceive_iteration(
     setup: Setup, backend: Backend, ro: Rollout, draw: IterationDraw
 ) -> tuple[PerceptualStats | None, PerceptualStats | None, torch.Tensor | None]:
     """This rank's perceptual stats of the trained steps, every rank's (whole groups: PEC's z-score), and the
-    perceptual features of every rank's final images ``[N, d_f]``; all ``None`` when nothing measures."""
+    perceptual features of every rank's final images ``[N, d_f]``; ``None`` for what nothing needs."""
+    parallel, layout = setup.parallel, setup.layout
+    features = None
+    if setup.features:
+        images = ro.images.to(backend.device)
+        local_features = embed_latents(lambda x: x, setup.encoder, images, setup.chunk_size).cpu()
+        features = parallel.gather(local_features, layout)
     if not setup.measure:
-        return None, None, None
-    s, parallel, layout = setup.settings, setup.parallel, setup.layout
+        return None, None, features
+    s = setup.settings
     # The group's draw: seeded by its first sample's seed, offset from the initial noise that seed may also draw.
     draw_seeds = draw.group_seeds + 1 if setup.energy_draw == "group" else None
     local = perceive(
@@ -318,9 +328,7 @@ def perceive_iteration(
         s.batch_size,
         draw_seeds,
     )
-    images = ro.images.to(backend.device)
-    features = embed_latents(lambda x: x, setup.encoder, images, setup.chunk_size).cpu()
-    return local, parallel.gather_fields(local, layout), parallel.gather(features, layout)
+    return local, parallel.gather_fields(local, layout), features
 
 
 def shape_rewards(methods: list[Method], inputs: ShapeInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -373,11 +381,9 @@ def log_row(
     }
     if stats is not None:
         per_group = stats.entropy.reshape(-1, group_size, stats.entropy.shape[1]).mean(1)
-        row.update(
-            perceptual_entropy=float(per_group.mean()),
-            perceptual_energy=float(stats.energy.mean()),
-            vendi=group_vendi(features, group_size),
-        )
+        row.update(perceptual_entropy=float(per_group.mean()), perceptual_energy=float(stats.energy.mean()))
+    if features is not None:
+        row["vendi"] = group_vendi(features, group_size)
     row.update(
         groups_dropped_nan=int(adv.dropped.sum()), groups_zero_std=int(adv.degenerate.sum()), window_steps=ro.steps
     )

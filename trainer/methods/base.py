@@ -52,6 +52,7 @@ class ShapeInputs:
     features: torch.Tensor | None  # perceptual features of the final images [N, d_f]
     steps: list[int]  # indices of the trained steps [T]
     group_size: int
+    group_prompts: list[str]  # each group's prompt [N / group_size]
 
 
 @dataclass
@@ -87,6 +88,8 @@ class Method:
     name: ClassVar[str]
     #: whether the method needs the rollout's perceptual stats and the final images' features
     uses_perceptual: bool = False
+    #: whether it needs the final images' features only (no energies: the trained steps are not decoded)
+    uses_features: bool = False
 
     @classmethod
     def from_config(cls, config) -> Method | None:

@@ -1,7 +1,8 @@
 """PEC and PCVAE: reward shaping with the perceptual entropy of the trained steps (docs/design.md §5).
 
-PEC adds ``β · pec_bonus(e)`` (the group-z-scored residual energy of each trained step, averaged over the
-steps), β fixed or automatic; PCVAE subtracts ``β · pcvae_penalty(ℓ, c)``, the distance of the perceptual gain ℓ from its
+PEC adds ``β · b``: by default ``pec_bonus(e)`` (the group-z-scored residual energy of each trained step,
+averaged over the steps), or with ``pec.bonus: vendi`` the per-sample Vendi gradient of the final image against an
+ODE population of its prompt sampled by the current policy; β fixed or automatic; PCVAE subtracts ``β · pcvae_penalty(ℓ, c)``, the distance of the perceptual gain ℓ from its
 calibration c on the LoRA-off reference policy, measured once per run and kept in checkpoints.
 """
 
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch
 
+from comfy_pec.diversity import vendi_gradient, vendi_score
 from comfy_pec.perceptual import (
     adaptive_beta,
     decoupled_reward,
@@ -24,7 +26,7 @@ from comfy_pec.perceptual import (
 from comfy_pec.sde import stochastic_steps
 
 from ..lora import lora_disabled
-from ..metrics import image_batches, score_images
+from ..perceptual import embed_latents
 from ..rollout import Schedule, iteration_rng, perceive, rollout
 from ..sampling import sample_images
 from .base import Method, RunContext, ShapeInputs
@@ -60,9 +62,13 @@ class PEC(Method):
         auto: AutoBeta | None = None,
         combine: str = "sum",
         control: str = "none",
+        bonus: str = "energy",
+        population: int = 8,
     ):
         self.beta, self.step_norm, self.bonus_clip, self.auto = beta, step_norm, bonus_clip, auto
-        self.combine, self.control = combine, control
+        self.combine, self.control, self.bonus, self.population = combine, control, bonus, population
+        # The Vendi bonus needs the final images' features only: the trained steps are not decoded.
+        self.uses_perceptual, self.uses_features = bonus == "energy", bonus == "vendi"
         self._iteration = 0
         self.reference: float | None = None  # the base policy's probe Vendi
         self._run: RunContext | None = None
@@ -79,7 +85,9 @@ class PEC(Method):
             auto = AutoBeta(
                 p.beta_target, p.beta_lr, p.beta_min, p.beta_max, p.probe_prompts, p.probe_seeds, p.probe_every
             )
-        return cls(pec.beta, pec.step_norm, pec.bonus_clip, auto, pec.combine, pec.bonus_control)
+        return cls(
+            pec.beta, pec.step_norm, pec.bonus_clip, auto, pec.combine, pec.bonus_control, pec.bonus, pec.population
+        )
 
     def setup(self, run: RunContext) -> None:
         self._run = run
@@ -109,28 +117,47 @@ class PEC(Method):
         }
 
     @torch.no_grad()
-    def _probe_vendi(self) -> float:
-        """Mean per-prompt Vendi (perceptual space) of the current policy's ODE samples of the probe's fixed
-        training prompts and seeds — free of the training rollout's window and prompt draws."""
+    def _policy_features(self, prompts: list[str], seeds: list[int], num_steps: int | None = None) -> torch.Tensor:
+        """Perceptual features ``[n, d_f]`` of the current policy's ODE samples, prompt i with seed i
+        (``num_steps`` ``None``: the model's evaluation steps)."""
         run, s = self._run, self._run.settings
-        prompts, seeds = self._probe_prompts, self._probe_seeds
         images = sample_images(
             run.backend,
             prompts,
             seeds,
+            num_steps=num_steps,
             resolution=s.resolution,
             guidance_scale=s.guidance,
             batch_size=s.batch_size,
             progress=False,
         )
-        batches = image_batches(images, prompts, s.batch_size)
-        num_prompts = len(prompts) // self.auto.seeds
-        metrics, _ = score_images(batches, num_prompts, {}, {"probe": run.encoder}, run.backend.device)
-        return float(metrics["vendi/probe"].mean())
+        return embed_latents(lambda x: x, run.encoder, images.to(run.backend.device), s.batch_size).cpu()
+
+    def _probe_vendi(self) -> float:
+        """Mean per-prompt Vendi (perceptual space) of the current policy's ODE samples of the probe's fixed
+        training prompts and seeds — free of the training rollout's window and prompt draws."""
+        features = self._policy_features(self._probe_prompts, self._probe_seeds)
+        return float(vendi_score(features.reshape(-1, self.auto.seeds, features.shape[-1])).mean())
+
+    def _population_bonus(self, inputs: ShapeInputs) -> torch.Tensor:
+        """:func:`~comfy_pec.diversity.vendi_gradient` of every sample ``[N]`` against ``pec.population`` ODE
+        samples of its group's prompt by the current policy (the one that drew the rollout), from independent
+        starts drawn anew each iteration: the population the evaluation's Vendi measures, which the group's
+        shared start cannot show."""
+        k, steps = self.population, len(self._run.settings.sigmas) - 1
+        gen = iteration_rng(self._run.seed, -(1 << 20) - self._iteration)  # a stream of its own, replayed on resume
+        seeds = torch.randint(2**31, (len(inputs.group_prompts) * k,), generator=gen).tolist()
+        population = self._policy_features([p for p in inputs.group_prompts for _ in range(k)], seeds, steps)
+        d = population.shape[-1]
+        samples = inputs.features.reshape(-1, inputs.group_size, d)
+        return vendi_gradient(samples, population.reshape(-1, k, d)).reshape(-1).to(inputs.task_rewards.device)
 
     def shape(self, rewards: torch.Tensor, inputs: ShapeInputs) -> torch.Tensor:
-        bonus = pec_bonus(inputs.stats.energy, inputs.group_size, self.step_norm, clip=self.bonus_clip)
         g = inputs.group_size
+        if self.bonus == "vendi":
+            bonus = self._population_bonus(inputs)
+        else:
+            bonus = pec_bonus(inputs.stats.energy, g, self.step_norm, clip=self.bonus_clip)
         if self.control == "shuffled":
             bonus = shuffle_within_groups(bonus, g, iteration_rng(self._run.seed, -3 - self._iteration))
         # Per group: the task reward's spread and the β·bonus spread (where the second is larger, the bonus
@@ -139,8 +166,9 @@ class PEC(Method):
             beta=self.beta,
             group_reward_std=inputs.task_rewards.reshape(-1, g).std(1, unbiased=False).tolist(),
             group_bonus_std=(self.beta * bonus).reshape(-1, g).std(1, unbiased=False).tolist(),
-            step_energy=inputs.stats.energy.mean(0).tolist(),
         )
+        if inputs.stats is not None:
+            self._log["step_energy"] = inputs.stats.energy.mean(0).tolist()
         if self.combine == "decoupled":
             return decoupled_reward(rewards, bonus, self.beta, g)
         if self.combine == "relative":
