@@ -19,6 +19,7 @@ from .perceptual import perceptual_energy  # noqa: F401 -- a public name here si
 __all__ = [
     "vendi_score",
     "vendi_gradient",
+    "vendi_repulsion",
     "feature_variance",
     "mean_pairwise_distance",
     "select_diverse",
@@ -102,10 +103,36 @@ def vendi_score(
     return score[0] if single else score
 
 
+def _log_spectrum(members: torch.Tensor, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eigen-expansion of ``log M`` for ``M = membersᵀ members`` (rows already scaled by √weight):
+    ``(-log λ_k [P, m], vectors·u_k [P, n, m])``, both zero for eigenvalues below the :func:`vendi_score`
+    threshold, so ``aᵀ log(M) b = -Σ_k (-log λ_k)(a·u_k)(b·u_k)`` over the directions M has mass in."""
+    dtype = members.dtype
+    if members.shape[-2] <= members.shape[-1]:
+        lam, v = torch.linalg.eigh(members @ members.mT)
+        # M's eigenvectors are u_k = membersᵀ v_k / √λ_k, so a·u_k = (a membersᵀ v_k) / √λ_k.
+        proj = (vectors @ members.mT @ v) / lam.clamp_min(torch.finfo(dtype).tiny).sqrt().unsqueeze(-2)
+    else:
+        lam, u = torch.linalg.eigh(members.mT @ members)
+        proj = vectors @ u
+    keep = lam > lam.shape[-1] * torch.finfo(dtype).eps * lam.amax(-1, keepdim=True)
+    neg_log = torch.where(keep, -torch.log(torch.where(keep, lam, 1.0)), 0.0)
+    return neg_log, torch.where(keep.unsqueeze(-2), proj, 0.0)
+
+
+def _population_sets(samples: torch.Tensor, population: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """L2-normalised ``[P, G, D]`` samples and ``[P, K, D]`` population, and whether the input was one set."""
+    s, single = _as_sets(samples, dtype)
+    pop, _ = _as_sets(population, dtype)
+    if pop.shape[0] != s.shape[0] or pop.shape[-1] != s.shape[-1]:
+        raise PECError(f"samples {tuple(samples.shape)} and population {tuple(population.shape)} do not match")
+    return F.normalize(s, dim=-1), F.normalize(pop, dim=-1), single
+
+
 def vendi_gradient(
     samples: torch.Tensor, population: torch.Tensor, *, dtype: torch.dtype = torch.float64
 ) -> torch.Tensor:
-    """How much each sample would raise the population's Vendi (order 1): ``b_i = -x̂_iᵀ log(M) x̂_i``.
+    """How much each sample would raise the population's Vendi (order 1) by its weight: ``b_i = -x̂_iᵀ log(M) x̂_i``.
 
     ``∂ log VS / ∂w_i = -x̂_iᵀ (log M + I) x̂_i`` for the weighted population ``M = Σ_j w_j x̂_j x̂_jᵀ`` (Σ w = 1,
     ``x̂`` the L2-normalised features; VS = exp(-tr M log M)); the constant ``-1`` is dropped. The pooled
@@ -121,25 +148,45 @@ def vendi_gradient(
     Returns:
         ``[G]`` or ``[P, G]``, float32.
     """
-    s, single = _as_sets(samples, dtype)
-    pop, _ = _as_sets(population, dtype)
-    if pop.shape[0] != s.shape[0] or pop.shape[-1] != s.shape[-1]:
-        raise PECError(f"samples {tuple(samples.shape)} and population {tuple(population.shape)} do not match")
+    s, pop, single = _population_sets(samples, population, dtype)
     k, g = pop.shape[-2], s.shape[-2]
-    s, pop = F.normalize(s, dim=-1), F.normalize(pop, dim=-1)
     w = torch.cat([s.new_full((k,), 1.0 / (k + 1)), s.new_full((g,), 1.0 / ((k + 1) * g))])
-    x = torch.cat([pop, s], dim=-2) * w.sqrt().unsqueeze(-1)  # M = xᵀ x
-    if x.shape[-2] <= x.shape[-1]:
-        lam, v = torch.linalg.eigh(x @ x.mT)
-        # M's eigenvectors u_k = xᵀ v_k / √λ_k, so x̂_i·u_k = (x̂_i xᵀ v_k) / √λ_k.
-        proj = (s @ x.mT @ v) / lam.clamp_min(torch.finfo(dtype).tiny).sqrt().unsqueeze(-2)
-    else:
-        lam, u = torch.linalg.eigh(x.mT @ x)
-        proj = s @ u
-    tol = lam.shape[-1] * torch.finfo(dtype).eps * lam.amax(-1, keepdim=True)
-    keep = lam > tol
-    neg_log = torch.where(keep, -torch.log(torch.where(keep, lam, 1.0)), 0.0)
-    b = (torch.where(keep.unsqueeze(-2), proj**2, 0.0) * neg_log.unsqueeze(-2)).sum(-1)
+    neg_log, proj = _log_spectrum(torch.cat([pop, s], dim=-2) * w.sqrt().unsqueeze(-1), s)
+    b = (proj**2 * neg_log.unsqueeze(-2)).sum(-1)
+    return (b[0] if single else b).float()
+
+
+def vendi_repulsion(
+    samples: torch.Tensor, population: torch.Tensor, *, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """How far each sample lies along the direction in which moving its group's centre raises the population's
+    Vendi (order 1): ``b_i = x̂_i · a_g``, ``a_g = -2·P_g log(M) x̂_g``.
+
+    ``x̂_g`` is the group's normalised mean feature (its samples share a start: one member of the population),
+    ``M = (Σ_j x̂_j x̂_jᵀ + x̂_g x̂_gᵀ) / (K+1)`` over the ``K`` members of ``population`` and the group, and
+    ``P_g = I - x̂_g x̂_gᵀ`` keeps the move on the sphere of normalised features. ``a_g/(K+1)`` is the gradient of
+    ``log VS = -tr(M log M)`` in the member's position (the ``-2w·x̂`` part of the full derivative is radial); per
+    member of a population of starts, each weighted as its share of the expected reward, the ``1/(K+1)``
+    cancels against that share. So the in-group spread of ``b`` is linear in the sample's own deviation
+    ``x̂_i - x̂_g`` and points away from the directions the population crowds into, a direction of each start's
+    own (:func:`vendi_gradient` instead rewards any sample in a rare direction, the same for every start).
+    Eigenvalues below the :func:`vendi_score` threshold are dropped.
+
+    Args:
+        samples: ``[G, D]`` or ``[P, G, D]``.
+        population: ``[K, D]`` or ``[P, K, D]`` (K ≥ 1), the same P.
+    Returns:
+        ``[G]`` or ``[P, G]``, float32.
+    """
+    s, pop, single = _population_sets(samples, population, dtype)
+    centre = F.normalize(s.mean(-2, keepdim=True), dim=-1)  # [P, 1, D]
+    members = torch.cat([pop, centre], dim=-2) / math.sqrt(pop.shape[-2] + 1)
+    neg_log, proj = _log_spectrum(members, torch.cat([s, centre], dim=-2))
+    proj_s, proj_c = proj[..., :-1, :], proj[..., -1:, :]
+    # x̂_iᵀ log(M) x̂_g and x̂_gᵀ log(M) x̂_g from the eigen-expansion, then the tangent projection.
+    cross = -(proj_s * proj_c * neg_log.unsqueeze(-2)).sum(-1)
+    self_term = -(proj_c**2 * neg_log.unsqueeze(-2)).sum(-1)
+    b = -2.0 * (cross - self_term * (s * centre).sum(-1))
     return (b[0] if single else b).float()
 
 

@@ -5,12 +5,15 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from comfy_pec import PECError
 from comfy_pec.diversity import (
     feature_variance,
     mean_pairwise_distance,
     select_diverse,
+    vendi_gradient,
+    vendi_repulsion,
     vendi_score,
 )
 from comfy_pec.perceptual import pcvae_gain, pcvae_penalty, perceptual_energy, perceptual_entropy
@@ -120,6 +123,52 @@ def test_weighted_vendi_counts_a_weight_as_copies_and_uniform_weights_as_none():
     for bad in (torch.zeros(10), -torch.ones(10)):
         with pytest.raises(PECError, match="weights"):
             vendi_score(x[0], weights=bad)
+
+
+@pytest.mark.parametrize("dim", [64, 5])  # the n×n Gram and the d×d covariance paths
+def test_vendi_gradient_is_the_derivative_of_the_pooled_populations_log_vendi(dim):
+    torch.manual_seed(0)
+    population = torch.randn(3, 8, dim, dtype=torch.float64) + 1.0
+    samples = torch.randn(3, 1, dim, dtype=torch.float64) + 0.3 * torch.randn(3, 6, dim, dtype=torch.float64) + 1.0
+    b = vendi_gradient(samples, population)
+    assert b.shape == (3, 6) and b.dtype == torch.float32
+    # Weights of the pooled population: 1/9 per member, the 6 samples sharing one more ninth.
+    w = torch.cat([torch.full((8,), 1 / 9), torch.full((6,), 1 / 54)]).double().expand(3, -1).clone()
+    w.requires_grad_(True)
+    vendi_score(torch.cat([population, samples], 1), weights=w, dtype=torch.float64).log().sum().backward()
+    # On the simplex only differences between samples are defined: ∂/∂w_i − ∂/∂w_j = b_i − b_j.
+    grad = w.grad[:, 8:]
+    assert torch.allclose(grad - grad[:, :1], (b - b[:, :1]).double(), atol=1e-5)
+    # A sample in a direction the population rarely takes earns more than one at its centre.
+    rare = torch.zeros(dim, dtype=torch.float64)
+    rare[0] = 1.0
+    common = population[0].mean(0)
+    assert float(vendi_gradient(torch.stack([rare, common]), population[0])[0]) > float(
+        vendi_gradient(torch.stack([rare, common]), population[0])[1]
+    )
+    with pytest.raises(PECError, match="do not match"):
+        vendi_gradient(samples, population[:2])
+
+
+@pytest.mark.parametrize("dim", [64, 5])
+def test_vendi_repulsion_is_the_positional_derivative_of_the_populations_log_vendi(dim):
+    torch.manual_seed(1)
+    population = torch.randn(2, 8, dim, dtype=torch.float64) + 1.0
+    samples = torch.randn(2, 1, dim, dtype=torch.float64) + 0.1 * torch.randn(2, 6, dim, dtype=torch.float64) + 1.0
+    b = vendi_repulsion(samples, population)
+    assert b.shape == (2, 6) and b.dtype == torch.float32
+    unit = F.normalize(samples, dim=-1)
+    centre = F.normalize(unit.mean(1, keepdim=True), dim=-1).requires_grad_(True)
+    vendi_score(torch.cat([population, centre], 1), dtype=torch.float64).log().sum().backward()
+    # b_i = x̂_i · (the gradient of log VS in the centre's position, per unit of its weight 1/9)
+    assert torch.allclose(b.double(), 9 * (unit * centre.grad).sum(-1), atol=1e-5)
+    # Linear in the deviation, and orthogonal to the centre: samples mirrored about it get opposite bonuses.
+    c = centre.detach()[0, 0]
+    tangent = torch.randn(dim, dtype=torch.float64)
+    tangent = F.normalize(tangent - (tangent @ c) * c, dim=0)
+    pair = torch.stack([c + 0.01 * tangent, c - 0.01 * tangent])
+    mirrored = vendi_repulsion(pair, population[0])
+    assert float(mirrored.sum()) == pytest.approx(0.0, abs=1e-6) and float(mirrored.abs().max()) > 0
 
 
 def test_feature_variance_raw_and_normalised():

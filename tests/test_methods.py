@@ -2,6 +2,7 @@
 regularisation, E-GRPO's merge rule, DRIFT; and the config rules that combine them."""
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from comfy_pec.sde import (
     sd3_schedule,
     step_entropy,
 )
+from trainer.checkpoint import complete_checkpoints
 from trainer.config import ConfigError, load_config
 from trainer.grpo import clipped_surrogate, group_advantages
 from trainer.methods.cov import clip_cov_detach, kl_cov_penalty, top_covariance_mask
@@ -280,3 +282,22 @@ def test_pec_combinations_and_the_control_train(model_dir, tmp_path, combine, co
     rows = read_log(run)
     assert len(rows) == 2 and all(math.isfinite(r["shaped_reward_mean"]) for r in rows)
     assert (run / "lora.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bonus", ["vendi", "repulsion"])
+def test_a_population_bonus_needs_no_energies_and_a_resumed_run_replays_its_draws(model_dir, tmp_path, bonus):  # noqa: F811
+    run = tmp_path / "run"
+    extra = {"train.iterations": 2, "report.grid_seeds": [0], "pec.method": "pec", "pec.bonus": bonus}
+    extra |= {"pec.population": 3, "pec.beta": 0.2, "run.perceptual_stats": False}
+    overrides = tiny_overrides(model_dir, run, **extra)
+    train(load_config("demo", None, overrides))
+    rows = read_log(run)
+    assert all("vendi" in r and "perceptual_energy" not in r and "step_energy" not in r for r in rows)
+    assert all(len(r["group_bonus_std"]) == 2 and max(r["group_bonus_std"]) > 0 for r in rows)
+    shutil.rmtree(complete_checkpoints(run)[-1])
+    train(load_config("demo", None, overrides))  # resumes at iteration 1: the same population draws
+    resumed = read_log(run)
+    assert [r["iteration"] for r in resumed] == [0, 1]
+    for key in ("shaped_reward_mean", "group_bonus_std", "policy_loss"):
+        assert resumed[1][key] == rows[1][key], key

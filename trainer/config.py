@@ -219,15 +219,18 @@ class PecConfig(_Section):
         "paper's); 'group' one draw per group and step, shared by its samples (common random numbers: in-group "
         "energy differences then come from the states, not from the draws)",
     )
-    bonus: Literal["energy", "vendi"] = Field(
+    bonus: Literal["energy", "vendi", "repulsion"] = Field(
         "energy",
         description="PEC: what the bonus b measures: 'energy' the group-z-scored residual energy of the trained steps "
-        "(eq. 17); 'vendi' how much each final image would raise the Vendi of its prompt's population, sampled "
-        "with the ODE from pec.population independent starts of the current policy (comfy_pec.diversity."
-        "vendi_gradient; β in reward units per unit log Vendi)",
+        "(eq. 17); against an ODE population of the drawn prompt sampled by the current policy from pec.population "
+        "independent starts: 'vendi' how much each final image would raise the population's Vendi by its weight "
+        "(comfy_pec.diversity.vendi_gradient), 'repulsion' how far it moved its start along the direction that "
+        "raises that Vendi (vendi_repulsion); both in reward units per unit log Vendi",
     )
     population: int = Field(
-        8, ge=1, description="PEC with bonus 'vendi': ODE samples of the current policy per drawn prompt and iteration"
+        8,
+        ge=1,
+        description="PEC with a population bonus: ODE samples of the current policy per drawn prompt and iteration",
     )
     step_norm: Literal["zscore", "none"] = "zscore"
     bonus_clip: float | None = Field(

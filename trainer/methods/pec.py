@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from comfy_pec.diversity import vendi_gradient, vendi_score
+from comfy_pec.diversity import vendi_gradient, vendi_repulsion, vendi_score
 from comfy_pec.perceptual import (
     adaptive_beta,
     decoupled_reward,
@@ -30,6 +30,9 @@ from ..perceptual import embed_latents
 from ..rollout import Schedule, iteration_rng, perceive, rollout
 from ..sampling import sample_images
 from .base import Method, RunContext, ShapeInputs
+
+#: ``pec.bonus`` values measured against an ODE population of the drawn prompt: (samples, population) → bonus
+POPULATION_BONUSES = {"vendi": vendi_gradient, "repulsion": vendi_repulsion}
 
 
 @dataclass(frozen=True)
@@ -67,8 +70,8 @@ class PEC(Method):
     ):
         self.beta, self.step_norm, self.bonus_clip, self.auto = beta, step_norm, bonus_clip, auto
         self.combine, self.control, self.bonus, self.population = combine, control, bonus, population
-        # The Vendi bonus needs the final images' features only: the trained steps are not decoded.
-        self.uses_perceptual, self.uses_features = bonus == "energy", bonus == "vendi"
+        # A population bonus needs the final images' features only: the trained steps are not decoded.
+        self.uses_perceptual, self.uses_features = bonus == "energy", bonus in POPULATION_BONUSES
         self._iteration = 0
         self.reference: float | None = None  # the base policy's probe Vendi
         self._run: RunContext | None = None
@@ -140,7 +143,7 @@ class PEC(Method):
         return float(vendi_score(features.reshape(-1, self.auto.seeds, features.shape[-1])).mean())
 
     def _population_bonus(self, inputs: ShapeInputs) -> torch.Tensor:
-        """:func:`~comfy_pec.diversity.vendi_gradient` of every sample ``[N]`` against ``pec.population`` ODE
+        """:data:`POPULATION_BONUSES`' ``pec.bonus`` of every sample ``[N]`` against ``pec.population`` ODE
         samples of its group's prompt by the current policy (the one that drew the rollout), from independent
         starts drawn anew each iteration: the population the evaluation's Vendi measures, which the group's
         shared start cannot show."""
@@ -150,11 +153,12 @@ class PEC(Method):
         population = self._policy_features([p for p in inputs.group_prompts for _ in range(k)], seeds, steps)
         d = population.shape[-1]
         samples = inputs.features.reshape(-1, inputs.group_size, d)
-        return vendi_gradient(samples, population.reshape(-1, k, d)).reshape(-1).to(inputs.task_rewards.device)
+        bonus = POPULATION_BONUSES[self.bonus](samples, population.reshape(-1, k, d))
+        return bonus.reshape(-1).to(inputs.task_rewards.device)
 
     def shape(self, rewards: torch.Tensor, inputs: ShapeInputs) -> torch.Tensor:
         g = inputs.group_size
-        if self.bonus == "vendi":
+        if self.bonus in POPULATION_BONUSES:
             bonus = self._population_bonus(inputs)
         else:
             bonus = pec_bonus(inputs.stats.energy, g, self.step_norm, clip=self.bonus_clip)
