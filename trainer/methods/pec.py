@@ -74,6 +74,7 @@ class PEC(Method):
         self.uses_perceptual, self.uses_features = bonus == "energy", bonus in POPULATION_BONUSES
         self._iteration = 0
         self.reference: float | None = None  # the base policy's probe Vendi
+        self.prompt_reference: torch.Tensor | None = None  # population bonus: the base's Vendi per training prompt
         self._run: RunContext | None = None
         self._log: dict[str, Any] = {}
 
@@ -94,7 +95,10 @@ class PEC(Method):
 
     def setup(self, run: RunContext) -> None:
         self._run = run
-        if self.auto is not None:
+        if self.auto is not None and self.bonus in POPULATION_BONUSES:
+            if self.prompt_reference is None:
+                self.prompt_reference = self._base_prompt_vendi()
+        elif self.auto is not None:
             # The probe's prompts and seeds, drawn once for the run from its own generator (-1 is PCVAE's).
             gen = iteration_rng(run.seed, -2)
             chosen = torch.randperm(len(run.prompts), generator=gen)[: self.auto.prompts].tolist()
@@ -104,7 +108,7 @@ class PEC(Method):
 
     def begin_iteration(self, iteration: int) -> None:
         self._log, self._iteration = {}, iteration
-        if self.auto is None or iteration % self.auto.every:
+        if self.auto is None or iteration % self.auto.every or self.bonus in POPULATION_BONUSES:
             return
         start = time.perf_counter()
         if self.reference is None:
@@ -152,9 +156,34 @@ class PEC(Method):
         seeds = torch.randint(2**31, (len(inputs.group_prompts) * k,), generator=gen).tolist()
         population = self._policy_features([p for p in inputs.group_prompts for _ in range(k)], seeds, steps)
         d = population.shape[-1]
+        if self.prompt_reference is not None:
+            self._steer_beta(population.reshape(-1, k, d), inputs.group_prompts)
         samples = inputs.features.reshape(-1, inputs.group_size, d)
         bonus = POPULATION_BONUSES[self.bonus](samples, population.reshape(-1, k, d))
         return bonus.reshape(-1).to(inputs.task_rewards.device)
+
+    @torch.no_grad()
+    def _base_prompt_vendi(self) -> torch.Tensor:
+        """The LoRA-off policy's Vendi ``[number of training prompts]`` of ``pec.population`` ODE samples of every
+        training prompt (seeds drawn once from the generator of (seed, −2)): the automatic β's reference for a
+        population bonus, measured once per run and kept in checkpoints."""
+        run, k = self._run, self.population
+        seeds = torch.randint(2**31, (k,), generator=iteration_rng(run.seed, -2)).tolist()
+        with lora_disabled(run.backend):
+            features = self._policy_features(
+                [p for p in run.prompts for _ in range(k)], seeds * len(run.prompts), len(run.settings.sigmas) - 1
+            )
+        return vendi_score(features.reshape(len(run.prompts), k, -1))
+
+    def _steer_beta(self, population: torch.Tensor, prompts: list[str]) -> None:
+        """One :func:`~comfy_pec.perceptual.adaptive_beta` step on this iteration's population ``[P, K, d_f]``: the
+        mean over its prompts of their Vendi over the base's, held at ``pec.beta_target``."""
+        index = {p: i for i, p in enumerate(self._run.prompts)}
+        reference = self.prompt_reference[[index[p] for p in prompts]]
+        ratio = float((vendi_score(population) / reference).mean())
+        a = self.auto
+        self.beta = adaptive_beta(self.beta, ratio, 1.0, a.target, a.lr, a.lo, a.hi)
+        self._log["population_vendi_ratio"] = ratio
 
     def shape(self, rewards: torch.Tensor, inputs: ShapeInputs) -> torch.Tensor:
         g = inputs.group_size
@@ -183,11 +212,12 @@ class PEC(Method):
         return self._log
 
     def state_dict(self) -> dict[str, Any]:
-        return {"beta": self.beta, "reference": self.reference}
+        return {"beta": self.beta, "reference": self.reference, "prompt_reference": self.prompt_reference}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.beta = state.get("beta", self.beta)
         self.reference = state.get("reference")
+        self.prompt_reference = state.get("prompt_reference")
 
 
 def shuffle_within_groups(values: torch.Tensor, group_size: int, generator: torch.Generator) -> torch.Tensor:
