@@ -285,19 +285,24 @@ def test_pec_combinations_and_the_control_train(model_dir, tmp_path, combine, co
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bonus", ["vendi", "repulsion"])
-def test_a_population_bonus_needs_no_energies_and_a_resumed_run_replays_its_draws(model_dir, tmp_path, bonus):  # noqa: F811
+@pytest.mark.parametrize(
+    "bonus,auto",
+    [("vendi", {}), ("repulsion", {"pec.beta_target": 0.95, "pec.beta_lr": 1.0, "pec.beta_max": 1.0})],
+)
+def test_a_population_bonus_needs_no_energies_and_a_resumed_run_replays_its_draws(model_dir, tmp_path, bonus, auto):  # noqa: F811
     run = tmp_path / "run"
     extra = {"train.iterations": 2, "report.grid_seeds": [0], "pec.method": "pec", "pec.bonus": bonus}
-    extra |= {"pec.population": 3, "pec.beta": 0.2, "run.perceptual_stats": False}
+    extra |= {"pec.population": 3, "pec.beta": 0.2, "run.perceptual_stats": False, **auto}
     overrides = tiny_overrides(model_dir, run, **extra)
     train(load_config("demo", None, overrides))
     rows = read_log(run)
     assert all("vendi" in r and "perceptual_energy" not in r and "step_energy" not in r for r in rows)
     assert all(len(r["group_bonus_std"]) == 2 and max(r["group_bonus_std"]) > 0 for r in rows)
+    if auto:  # β steered by the population's Vendi over the base's, from the first iteration on
+        assert all(r["population_vendi_ratio"] > 0 and r["beta"] != 0.2 for r in rows)
     shutil.rmtree(complete_checkpoints(run)[-1])
-    train(load_config("demo", None, overrides))  # resumes at iteration 1: the same population draws
+    train(load_config("demo", None, overrides))  # resumes at iteration 1: the same population draws and β
     resumed = read_log(run)
     assert [r["iteration"] for r in resumed] == [0, 1]
-    for key in ("shaped_reward_mean", "group_bonus_std", "policy_loss"):
+    for key in ("shaped_reward_mean", "group_bonus_std", "policy_loss", "beta"):
         assert resumed[1][key] == rows[1][key], key
