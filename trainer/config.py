@@ -252,7 +252,8 @@ class PecConfig(_Section):
         None,
         gt=0,
         description="PEC: automatic β holding the diversity probe's Vendi at beta_target × its value at the first "
-        "iteration (log-space dual ascent, comfy_pec.perceptual.adaptive_beta; pec.beta is the starting value); "
+        "iteration (log-space dual ascent, comfy_pec.perceptual.adaptive_beta; pec.beta is the starting value) — with "
+        "a population bonus the iteration's population over the base model's, per prompt, instead of a probe; "
         "null = β fixed at pec.beta",
     )
     beta_lr: float = Field(4.0, gt=0, description="automatic β: step η of log β per unit log-ratio of the probe Vendi")
