@@ -93,14 +93,18 @@ def vendi_score(
         x, n = x * (w / w.sum(-1, keepdim=True)).sqrt().unsqueeze(-1), 1
     gram = x @ x.mT if x.shape[-2] <= d else x.mT @ x
     lam = torch.linalg.eigvalsh(gram / n).clamp_min(0.0)
-    tol = lam.shape[-1] * torch.finfo(dtype).eps * lam.amax(-1, keepdim=True) if eig_tol is None else eig_tol
-    lam = torch.where(lam > tol, lam, 0.0)
+    lam = torch.where(lam > (_eig_tol(lam) if eig_tol is None else eig_tol), lam, 0.0)
     total = lam.sum(-1, keepdim=True)
     # All-zero features have no spectrum: call that one (degenerate) sample rather than NaN.
     lam = torch.where(total > 0, lam / total.clamp_min(torch.finfo(dtype).tiny), 0.0)
     lam[..., -1] = torch.where(total[..., 0] > 0, lam[..., -1], 1.0)
     score = _hill_number(lam, q)
     return score[0] if single else score
+
+
+def _eig_tol(lam: torch.Tensor) -> torch.Tensor:
+    """The default threshold below which eigenvalues ``lam`` ``[..., m]`` count as zero: ``m·eps·λ_max`` per set."""
+    return lam.shape[-1] * torch.finfo(lam.dtype).eps * lam.amax(-1, keepdim=True)
 
 
 def _log_spectrum(members: torch.Tensor, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +119,7 @@ def _log_spectrum(members: torch.Tensor, vectors: torch.Tensor) -> tuple[torch.T
     else:
         lam, u = torch.linalg.eigh(members.mT @ members)
         proj = vectors @ u
-    keep = lam > lam.shape[-1] * torch.finfo(dtype).eps * lam.amax(-1, keepdim=True)
+    keep = lam > _eig_tol(lam)
     neg_log = torch.where(keep, -torch.log(torch.where(keep, lam, 1.0)), 0.0)
     return neg_log, torch.where(keep.unsqueeze(-2), proj, 0.0)
 
@@ -170,13 +174,7 @@ def vendi_repulsion(
     cancels against that share. So the in-group spread of ``b`` is linear in the sample's own deviation
     ``x̂_i - x̂_g`` and points away from the directions the population crowds into, a direction of each start's
     own (:func:`vendi_gradient` instead rewards any sample in a rare direction, the same for every start).
-    Eigenvalues below the :func:`vendi_score` threshold are dropped.
-
-    Args:
-        samples: ``[G, D]`` or ``[P, G, D]``.
-        population: ``[K, D]`` or ``[P, K, D]`` (K ≥ 1), the same P.
-    Returns:
-        ``[G]`` or ``[P, G]``, float32.
+    Eigenvalues below the :func:`vendi_score` threshold are dropped. Shapes as :func:`vendi_gradient`.
     """
     s, pop, single = _population_sets(samples, population, dtype)
     centre = F.normalize(s.mean(-2, keepdim=True), dim=-1)  # [P, 1, D]

@@ -125,11 +125,17 @@ def test_weighted_vendi_counts_a_weight_as_copies_and_uniform_weights_as_none():
             vendi_score(x[0], weights=bad)
 
 
+def _population_and_group(sets: int, dim: int, spread: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[sets, 8, dim]`` population and ``[sets, 6, dim]`` group samples spread ``spread`` around one start."""
+    gen = torch.Generator().manual_seed(seed)
+    population = torch.randn(sets, 8, dim, generator=gen, dtype=torch.float64) + 1.0
+    start = torch.randn(sets, 1, dim, generator=gen, dtype=torch.float64)
+    return population, start + spread * torch.randn(sets, 6, dim, generator=gen, dtype=torch.float64) + 1.0
+
+
 @pytest.mark.parametrize("dim", [64, 5])  # the n×n Gram and the d×d covariance paths
 def test_vendi_gradient_is_the_derivative_of_the_pooled_populations_log_vendi(dim):
-    torch.manual_seed(0)
-    population = torch.randn(3, 8, dim, dtype=torch.float64) + 1.0
-    samples = torch.randn(3, 1, dim, dtype=torch.float64) + 0.3 * torch.randn(3, 6, dim, dtype=torch.float64) + 1.0
+    population, samples = _population_and_group(3, dim, 0.3, seed=0)
     b = vendi_gradient(samples, population)
     assert b.shape == (3, 6) and b.dtype == torch.float32
     # Weights of the pooled population: 1/9 per member, the 6 samples sharing one more ninth.
@@ -152,9 +158,7 @@ def test_vendi_gradient_is_the_derivative_of_the_pooled_populations_log_vendi(di
 
 @pytest.mark.parametrize("dim", [64, 5])
 def test_vendi_repulsion_is_the_positional_derivative_of_the_populations_log_vendi(dim):
-    torch.manual_seed(1)
-    population = torch.randn(2, 8, dim, dtype=torch.float64) + 1.0
-    samples = torch.randn(2, 1, dim, dtype=torch.float64) + 0.1 * torch.randn(2, 6, dim, dtype=torch.float64) + 1.0
+    population, samples = _population_and_group(2, dim, 0.1, seed=1)
     b = vendi_repulsion(samples, population)
     assert b.shape == (2, 6) and b.dtype == torch.float32
     unit = F.normalize(samples, dim=-1)
@@ -164,7 +168,7 @@ def test_vendi_repulsion_is_the_positional_derivative_of_the_populations_log_ven
     assert torch.allclose(b.double(), 9 * (unit * centre.grad).sum(-1), atol=1e-5)
     # Linear in the deviation, and orthogonal to the centre: samples mirrored about it get opposite bonuses.
     c = centre.detach()[0, 0]
-    tangent = torch.randn(dim, dtype=torch.float64)
+    tangent = torch.randn(dim, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     tangent = F.normalize(tangent - (tangent @ c) * c, dim=0)
     pair = torch.stack([c + 0.01 * tangent, c - 0.01 * tangent])
     mirrored = vendi_repulsion(pair, population[0])

@@ -91,8 +91,7 @@ def train(
         local_stats, stats, features = perceive_iteration(setup, run.backend, ro, draw)
         clock.lap("perceptual")
 
-        inputs = ShapeInputs(rewards, stats, features, ro.steps, group, [setup.prompts[i] for i in draw.prompt_ids])
-        shaped, keep = shape_rewards(methods, inputs)
+        shaped, keep = shape_rewards(methods, ShapeInputs(rewards, stats, features, ro.steps, group, draw.prompt_ids))
         adv = group_advantages(shaped, group, t.adv_std, t.adv_clip, keep=keep)
         nan_streak = nan_streak + 1 if bool(adv.dropped.any()) else 0
         upd = {}

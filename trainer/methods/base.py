@@ -52,7 +52,7 @@ class ShapeInputs:
     features: torch.Tensor | None  # perceptual features of the final images [N, d_f]
     steps: list[int]  # indices of the trained steps [T]
     group_size: int
-    group_prompts: list[str]  # each group's prompt [N / group_size]
+    prompt_ids: list[int]  # each group's prompt, as its index in the training prompts [N / group_size]
 
 
 @dataclass

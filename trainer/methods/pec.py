@@ -153,11 +153,12 @@ class PEC(Method):
         shared start cannot show."""
         k, steps = self.population, len(self._run.settings.sigmas) - 1
         gen = iteration_rng(self._run.seed, -(1 << 20) - self._iteration)  # a stream of its own, replayed on resume
-        seeds = torch.randint(2**31, (len(inputs.group_prompts) * k,), generator=gen).tolist()
-        population = self._policy_features([p for p in inputs.group_prompts for _ in range(k)], seeds, steps)
+        ids = inputs.prompt_ids
+        seeds = torch.randint(2**31, (len(ids) * k,), generator=gen).tolist()
+        population = self._policy_features([self._run.prompts[i] for i in ids for _ in range(k)], seeds, steps)
         d = population.shape[-1]
         if self.prompt_reference is not None:
-            self._steer_beta(population.reshape(-1, k, d), inputs.group_prompts)
+            self._steer_beta(population.reshape(-1, k, d), ids)
         samples = inputs.features.reshape(-1, inputs.group_size, d)
         bonus = POPULATION_BONUSES[self.bonus](samples, population.reshape(-1, k, d))
         return bonus.reshape(-1).to(inputs.task_rewards.device)
@@ -175,12 +176,10 @@ class PEC(Method):
             )
         return vendi_score(features.reshape(len(run.prompts), k, -1))
 
-    def _steer_beta(self, population: torch.Tensor, prompts: list[str]) -> None:
-        """One :func:`~comfy_pec.perceptual.adaptive_beta` step on this iteration's population ``[P, K, d_f]``: the
-        mean over its prompts of their Vendi over the base's, held at ``pec.beta_target``."""
-        index = {p: i for i, p in enumerate(self._run.prompts)}
-        reference = self.prompt_reference[[index[p] for p in prompts]]
-        ratio = float((vendi_score(population) / reference).mean())
+    def _steer_beta(self, population: torch.Tensor, prompt_ids: list[int]) -> None:
+        """One :func:`~comfy_pec.perceptual.adaptive_beta` step on this iteration's population ``[P, K, d_f]`` of the
+        training prompts ``prompt_ids`` ``[P]``: the mean of their Vendi over the base's, held at ``pec.beta_target``."""
+        ratio = float((vendi_score(population) / self.prompt_reference[prompt_ids]).mean())
         a = self.auto
         self.beta = adaptive_beta(self.beta, ratio, 1.0, a.target, a.lr, a.lo, a.hi)
         self._log["population_vendi_ratio"] = ratio
