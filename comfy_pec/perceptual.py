@@ -18,6 +18,7 @@ from . import PECError
 __all__ = [
     "adaptive_beta",
     "decoupled_reward",
+    "perceptual_anchor",
     "perceptual_energy",
     "perceptual_entropy",
     "pcvae_gain",
@@ -114,6 +115,23 @@ def pec_bonus(
         if clip is not None:
             e = e.clamp(-clip, clip)
     return e.mean(dim=1)
+
+
+def perceptual_anchor(features: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """The anchor bonus: ``b_i = -||x̂_i - â_i||²`` (``= 2·cos(x_i, a_i) - 2``), with ``x̂ = x/||x||``.
+
+    ``features`` ``[N, d_f]``: the final images of a rollout in the perceptual space; ``anchors`` ``[N, d_f]``:
+    for each sample, the image the LoRA-off model draws with the ODE from the same initial noise. Within a group
+    sharing a start, the samples whose noise led back towards that image rank higher, with a spread that grows
+    with how far the policy has moved the start's outcome: a restoring force per start. → ``[N]`` float32 in [-4, 0].
+    """
+    if features.dim() != 2 or features.shape != anchors.shape:
+        raise PECError(
+            f"features and anchors must both be [N, d_f], got {tuple(features.shape)} and {tuple(anchors.shape)}"
+        )
+    x = torch.nn.functional.normalize(features.float(), dim=-1)
+    a = torch.nn.functional.normalize(anchors.float(), dim=-1)
+    return -((x - a) ** 2).sum(-1)
 
 
 def _group_zscore(x: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:

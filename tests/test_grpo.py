@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from comfy_pec import PECError
-from comfy_pec.perceptual import decoupled_reward, pec_bonus, relative_reward
+from comfy_pec.perceptual import decoupled_reward, pec_bonus, perceptual_anchor, relative_reward
 from trainer.grpo import clipped_surrogate, group_advantages
 
 
@@ -52,6 +52,15 @@ def test_clipped_surrogate_matches_ppo():
     x = torch.tensor([0.5], requires_grad=True)
     clipped_surrogate(x, torch.zeros(1), torch.ones(1), 0.2, 0.2)[0].backward()
     assert x.grad.item() == 0.0
+
+
+def test_perceptual_anchor_is_minus_the_squared_distance_of_the_normalised_features():
+    x = torch.tensor([[3.0, 0.0], [1.0, 1.0], [0.0, 2.0]])
+    a = torch.tensor([[5.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    # cos = 1, 1/sqrt(2), -1: b = 2·cos - 2 (0 for the same direction whatever the norms, -4 for opposite ones)
+    torch.testing.assert_close(perceptual_anchor(x, a), torch.tensor([0.0, math.sqrt(2) - 2, -4.0]))
+    with pytest.raises(PECError, match="anchors"):
+        perceptual_anchor(x, a[:2])
 
 
 def test_pec_bonus_zscore_and_raw():

@@ -285,9 +285,30 @@ def test_pec_combinations_and_the_control_train(model_dir, tmp_path, combine, co
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("shared", [True, False])
+def test_the_anchor_is_the_base_models_image_from_the_same_start(model_dir, tmp_path, shared):  # noqa: F811
+    # At the first iteration the LoRA is zero, so with almost no SDE noise every final image is the anchor itself:
+    # a distance of 0 shows that the anchor was drawn from each sample's own start (its group's, or its own).
+    distances = {}
+    for level in (1e-6, 0.7):
+        run = tmp_path / f"run{level}"
+        extra = {"train.iterations": 1, "report.grid_seeds": [0], "pec.method": "pec", "pec.bonus": "anchor"}
+        extra |= {"sampling.noise_level": level, "sampling.shared_init_noise": shared, "run.perceptual_stats": False}
+        train(load_config("demo", None, tiny_overrides(model_dir, run, **extra)))
+        (row,) = read_log(run)
+        assert "perceptual_energy" not in row and "vendi" in row
+        distances[level] = row["anchor_distance"]
+    assert distances[1e-6] < 1e-9 < 1e-6 < distances[0.7]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "bonus,auto",
-    [("vendi", {}), ("repulsion", {"pec.beta_target": 0.95, "pec.beta_lr": 1.0, "pec.beta_max": 1.0})],
+    [
+        ("vendi", {}),
+        ("repulsion", {"pec.beta_target": 0.95, "pec.beta_lr": 1.0, "pec.beta_max": 1.0}),
+        ("anchor", {}),
+    ],
 )
 def test_a_population_bonus_needs_no_energies_and_a_resumed_run_replays_its_draws(model_dir, tmp_path, bonus, auto):  # noqa: F811
     run = tmp_path / "run"

@@ -219,13 +219,15 @@ class PecConfig(_Section):
         "paper's); 'group' one draw per group and step, shared by its samples (common random numbers: in-group "
         "energy differences then come from the states, not from the draws)",
     )
-    bonus: Literal["energy", "vendi", "repulsion"] = Field(
+    bonus: Literal["energy", "vendi", "repulsion", "anchor"] = Field(
         "energy",
         description="PEC: what the bonus b measures: 'energy' the group-z-scored residual energy of the trained steps "
         "(eq. 17); against an ODE population of the drawn prompt sampled by the current policy from pec.population "
         "independent starts: 'vendi' how much each final image would raise the population's Vendi by its weight "
         "(comfy_pec.diversity.vendi_gradient), 'repulsion' how far it moved its start along the direction that "
-        "raises that Vendi (vendi_repulsion); both in reward units per unit log Vendi",
+        "raises that Vendi (vendi_repulsion); both in reward units per unit log Vendi; 'anchor' minus the squared "
+        "distance of each final image's normalised feature from the LoRA-off model's ODE image of the same start "
+        "(comfy_pec.perceptual.perceptual_anchor)",
     )
     population: int = Field(
         8,

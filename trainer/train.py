@@ -81,7 +81,8 @@ def train(
         for method in methods:
             method.begin_iteration(it)
         clock = PhaseClock()
-        draw = draw_iteration(it, t.seed, setup.prompts, t.prompts_per_iteration, group, methods).mine(setup.layout)
+        every = draw_iteration(it, t.seed, setup.prompts, t.prompts_per_iteration, group, methods)
+        draw = every.mine(setup.layout)
         ro = rollout(run.backend, draw.prompts, draw.seeds, draw.schedule, setup.settings, draw.init_seeds, draw.noise)
         clock.lap("rollout")
         rewards, parts = setup.reward_fn(ro.images, ro.prompts)
@@ -91,7 +92,9 @@ def train(
         local_stats, stats, features = perceive_iteration(setup, run.backend, ro, draw)
         clock.lap("perceptual")
 
-        shaped, keep = shape_rewards(methods, ShapeInputs(rewards, stats, features, ro.steps, group, draw.prompt_ids))
+        shaped, keep = shape_rewards(
+            methods, ShapeInputs(rewards, stats, features, ro.steps, group, draw.prompt_ids, every.start_seeds)
+        )
         adv = group_advantages(shaped, group, t.adv_std, t.adv_clip, keep=keep)
         nan_streak = nan_streak + 1 if bool(adv.dropped.any()) else 0
         upd = {}
@@ -268,6 +271,11 @@ class IterationDraw:
     def init_seeds(self) -> torch.Tensor | None:
         """``[N]`` seeds of the initial noise when a group shares it (the group's seed), else ``None``."""
         return self.group_seeds if self.schedule.shared_init else None
+
+    @property
+    def start_seeds(self) -> torch.Tensor:
+        """``[N]`` the seed of each sample's initial noise: its group's when the group shares it, else its own."""
+        return self.group_seeds if self.schedule.shared_init else self.seeds
 
     def mine(self, layout: SampleLayout) -> IterationDraw:
         """This rank's samples (all of them in one process)."""

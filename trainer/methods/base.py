@@ -53,6 +53,7 @@ class ShapeInputs:
     steps: list[int]  # indices of the trained steps [T]
     group_size: int
     prompt_ids: list[int]  # each group's prompt, as its index in the training prompts [N / group_size]
+    start_seeds: torch.Tensor  # the seed of each sample's initial noise [N]
 
 
 @dataclass

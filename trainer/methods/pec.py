@@ -1,9 +1,11 @@
 """PEC and PCVAE: reward shaping with the perceptual entropy of the trained steps (docs/design.md §5).
 
 PEC adds ``β · b``: by default ``pec_bonus(e)`` (the group-z-scored residual energy of each trained step,
-averaged over the steps), or with ``pec.bonus: vendi`` the per-sample Vendi gradient of the final image against an
-ODE population of its prompt sampled by the current policy; β fixed or automatic; PCVAE subtracts ``β · pcvae_penalty(ℓ, c)``, the distance of the perceptual gain ℓ from its
-calibration c on the LoRA-off reference policy, measured once per run and kept in checkpoints.
+averaged over the steps); with ``pec.bonus: vendi`` or ``repulsion`` a per-sample Vendi gradient of the final image
+against an ODE population of its prompt sampled by the current policy; with ``pec.bonus: anchor`` minus the squared
+distance of the final image from the LoRA-off model's ODE image of the same start. β fixed or automatic.
+PCVAE subtracts ``β · pcvae_penalty(ℓ, c)``, the distance of the perceptual gain ℓ from its calibration c on the
+LoRA-off reference policy, measured once per run and kept in checkpoints.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from comfy_pec.perceptual import (
     pcvae_gain,
     pcvae_penalty,
     pec_bonus,
+    perceptual_anchor,
     relative_reward,
 )
 from comfy_pec.sde import stochastic_steps
@@ -71,7 +74,7 @@ class PEC(Method):
         self.beta, self.step_norm, self.bonus_clip, self.auto = beta, step_norm, bonus_clip, auto
         self.combine, self.control, self.bonus, self.population = combine, control, bonus, population
         # A population bonus needs the final images' features only: the trained steps are not decoded.
-        self.uses_perceptual, self.uses_features = bonus == "energy", bonus in POPULATION_BONUSES
+        self.uses_perceptual, self.uses_features = bonus == "energy", bonus in (*POPULATION_BONUSES, "anchor")
         self._iteration = 0
         self.reference: float | None = None  # the base policy's probe Vendi
         self.prompt_reference: torch.Tensor | None = None  # population bonus: the base's Vendi per training prompt
@@ -163,6 +166,23 @@ class PEC(Method):
         bonus = POPULATION_BONUSES[self.bonus](samples, population.reshape(-1, k, d))
         return bonus.reshape(-1).to(inputs.task_rewards.device)
 
+    def _anchor_bonus(self, inputs: ShapeInputs) -> torch.Tensor:
+        """:func:`~comfy_pec.perceptual.perceptual_anchor` of every sample ``[N]`` against the LoRA-off model's ODE
+        image from the sample's initial noise: one image per group when the group shares its start, else one per
+        sample. Logs the mean squared distance (``anchor_distance``): how far the policy has moved the outcomes."""
+        run, g = self._run, inputs.group_size
+        starts = inputs.start_seeds.reshape(-1, g)
+        per_group = bool((starts == starts[:, :1]).all())
+        seeds = (starts[:, 0] if per_group else starts.reshape(-1)).tolist()
+        prompts = [run.prompts[i] for i in inputs.prompt_ids for _ in range(1 if per_group else g)]
+        with lora_disabled(run.backend):
+            anchors = self._policy_features(prompts, seeds, len(run.settings.sigmas) - 1)
+        if per_group:
+            anchors = anchors.repeat_interleave(g, dim=0)
+        bonus = perceptual_anchor(inputs.features.cpu(), anchors)
+        self._log["anchor_distance"] = float(-bonus.mean())
+        return bonus.to(inputs.task_rewards.device)
+
     @torch.no_grad()
     def _base_prompt_vendi(self) -> torch.Tensor:
         """The LoRA-off policy's Vendi ``[number of training prompts]`` of ``pec.population`` ODE samples of every
@@ -188,6 +208,8 @@ class PEC(Method):
         g = inputs.group_size
         if self.bonus in POPULATION_BONUSES:
             bonus = self._population_bonus(inputs)
+        elif self.bonus == "anchor":
+            bonus = self._anchor_bonus(inputs)
         else:
             bonus = pec_bonus(inputs.stats.energy, g, self.step_norm, clip=self.bonus_clip)
         if self.control == "shuffled":
