@@ -3,9 +3,21 @@
 import math
 
 import pytest
+import torch
 from test_trainer import model_dir, tiny_overrides  # noqa: F401  (model_dir is a fixture)
 
-from trainer.demo import demo_configs, gain_share, run_demo, side_by_side
+from comfy_pec.encoders import load_encoder
+from trainer.config import load_config
+from trainer.demo import (
+    demo_configs,
+    gain_share,
+    measure,
+    measurement_chunks,
+    merge_measurements,
+    run_demo,
+    side_by_side,
+)
+from trainer.rewards import build_reward
 from trainer.runlog import read_probes
 
 PROBE = {"probe.every": 1, "probe.prompts": 1, "probe.seeds": [0, 1, 2], "probe.steps": [0, 1]}
@@ -19,21 +31,58 @@ def test_gain_share_is_the_share_of_the_reference_gain():
     assert math.isnan(gain_share(0.7, 0.5, 0.5))
 
 
-def test_demo_configs_differ_only_in_the_method_and_folder(tmp_path):
+def test_demo_configs_differ_only_in_the_method_folder_and_per_iteration_stats(tmp_path):
     configs = demo_configs([f"run.dir={tmp_path}"])
     fg, pec = (c.model_dump() for c in configs.values())
     assert fg["pec"].pop("method") == "none" and pec["pec"].pop("method") == "pec"
     assert fg["run"].pop("dir").endswith("flow-grpo") and pec["run"].pop("dir").endswith("pec")
+    # Flow-GRPO's training uses no perceptual quantity; the probe measures what the report plots.
+    assert fg["run"].pop("perceptual_stats") is False and pec["run"].pop("perceptual_stats") is True
     assert fg == pec
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_side_by_side_returns_every_job_by_label_with_its_share_of_threads(workers):
+def test_side_by_side_runs_every_job_and_its_follow_ups_with_their_share_of_threads(workers):
     # min(arg, threads): each job gets its arguments and then its thread count (at least 1)
-    jobs = {"a": (5,), "b": (1,), "c": (0,)}
-    results = side_by_side(min, jobs, workers, desc="jobs")
-    assert list(results) == ["a", "b", "c"]
+    jobs = {"a": (min, (5,)), "b": (min, (1,)), "c": (min, (0,))}
+    finished = []
+    results = side_by_side(
+        jobs,
+        workers,
+        then=lambda key, result: {(key, "next"): (min, (result - 10,))} if key == "b" else {},
+        on_done=finished.append,
+    )
+    assert list(results) == ["a", "b", "c", ("b", "next")]
     assert results["b"] == 1 and results["c"] == 0 and results["a"] >= 1
+    assert results["b", "next"] == -9  # queued when "b" finished, with its result
+    assert sorted(map(str, finished)) == sorted(map(str, results))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_side_by_side_raises_a_jobs_error(workers):
+    # int("x", threads): a ValueError in the job, raised here whether it ran here or in a worker process
+    with pytest.raises(ValueError, match="base"):
+        side_by_side({"good": (min, (1,)), "bad": (int, ("x",))}, workers)
+
+
+def test_a_measurement_in_chunks_merges_to_the_whole(model_dir, tmp_path):  # noqa: F811
+    config = load_config("demo", None, tiny_overrides(model_dir, tmp_path))
+    sets = {"training": ["a red circle", "a blue square", "a green ring"], "held-out": ["a yellow star"]}
+    chunks = measurement_chunks(sets, size=2)
+    assert chunks == [
+        {"training": ["a red circle", "a blue square"]},
+        {"training": ["a green ring"]},
+        {"held-out": ["a yellow star"]},
+    ]
+    encoder, reward_fn = load_encoder("toy", path=config.pec.encoder_path), build_reward(config.rewards)
+    whole = measure(model_dir, None, sets, [0, 1, 2], encoder, reward_fn)
+    merged = merge_measurements([measure(model_dir, None, c, [0, 1, 2], encoder, reward_fn) for c in chunks], chunks)
+    assert merged.keys() == whole.keys()
+    for name in sets:
+        assert merged[name].keys() == whole[name].keys()
+        torch.testing.assert_close(merged[name]["images"], whole[name]["images"])
+        for key in whole[name].keys() - {"images"}:
+            assert merged[name][key] == pytest.approx(whole[name][key], rel=1e-5), key
 
 
 @pytest.mark.slow

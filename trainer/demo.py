@@ -1,19 +1,22 @@
 """`pec demo`: the paradox side by side — Flow-GRPO and PEC trained from the same seed and budget on the
 embedded model, then one report (docs/design.md §9).
 
-Both runs use the ``demo`` preset with its fixed probe on; they differ only in ``pec.method``, and they train
-side by side in two processes. The report shows, for held-out prompts at the same seeds, the base model, the
-Flow-GRPO LoRA and the PEC LoRA one row each; the probe curves of both runs on shared axes (the closed-form
-policy entropy: two identical flat lines; the perceptual entropy and Vendi: each policy's own); and a table of
-reward, Vendi, Vendi/base and each method's share of Flow-GRPO's reward gain on training and held-out prompts
-(:func:`measure`, the measurement ``studies/flow_grpo_vs_pec.py`` makes per seed).
+Both runs use the ``demo`` preset with its fixed probe on; they differ only in ``pec.method`` (and Flow-GRPO,
+whose training uses no perceptual quantity, skips measuring them every iteration: the probe measures what the
+report plots). They train side by side in two processes, and a core that a finished run frees starts measuring
+the models while the other still trains. The report shows, for held-out prompts at the same seeds, the base
+model, the Flow-GRPO LoRA and the PEC LoRA one row each; the probe curves of both runs on shared axes (the
+closed-form policy entropy: two identical flat lines; the perceptual entropy and Vendi: each policy's own); and
+a table of reward, Vendi, Vendi/base and each method's share of Flow-GRPO's reward gain on training and held-out
+prompts (:func:`measure`, the measurement ``studies/flow_grpo_vs_pec.py`` makes per seed).
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Hashable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -29,7 +32,7 @@ from .runlog import read_log, read_probes
 from .train import train
 
 #: the compared methods: label → overrides of the demo preset
-METHODS = {"Flow-GRPO": ["pec.method=none"], "PEC": ["pec.method=pec"]}
+METHODS = {"Flow-GRPO": ["pec.method=none", "run.perceptual_stats=false"], "PEC": ["pec.method=pec"]}
 
 
 def demo_configs(overrides: list[str]) -> dict[str, Config]:
@@ -48,37 +51,99 @@ def gain_share(reward: float, base: float, reference: float) -> float:
 
 
 def run_demo(overrides: list[str], resume: bool = True, workers: int | None = None) -> Path:
-    """Train both methods (resuming finished or interrupted runs), evaluate, write ``report.md``; its path."""
+    """Train both methods (resuming finished or interrupted runs) and measure them and the base model, ``workers``
+    processes at once (default: as many as there are CPU cores, :func:`side_by_side`); write ``report.md``, its
+    path."""
     configs = demo_configs(overrides)
     folder = Path(load_config("demo", None, overrides).run.dir)
-    runs = train_side_by_side(configs, resume, workers)
-    return write_demo_report(folder, configs, runs, workers)
+    first = next(iter(configs.values()))
+    prompt_sets = evaluation_sets(first)
+    chunks = measurement_chunks(prompt_sets)
+
+    def measure_jobs(label: str, lora: Path | None) -> dict:
+        return {(label, i): (_measure_in_process, (first, lora, chunk)) for i, chunk in enumerate(chunks)}
+
+    def then(key, run_dir: Path) -> dict:  # a finished training run: measure its LoRA
+        return measure_jobs(key, run_dir / "lora.safetensors") if key in configs else {}
+
+    jobs = {
+        **{
+            label: (_train_in_process, (config, resume, position))
+            for position, (label, config) in enumerate(configs.items())
+        },
+        **measure_jobs("base model", None),
+    }
+    bar = tqdm(total=len(chunks) * (len(configs) + 1), desc="evaluate", position=len(configs))
+
+    def count(key) -> None:  # the training runs draw their own bars
+        if key not in configs:
+            bar.update()
+
+    with bar:
+        done = side_by_side(jobs, workers, then, on_done=count)
+    runs = {label: done[label] for label in configs}
+    results = {
+        label: merge_measurements([done[label, i] for i in range(len(chunks))], chunks)
+        for label in ("base model", *configs)
+    }
+    return write_demo_report(folder, first, runs, prompt_sets, results)
 
 
-def train_side_by_side(configs: dict[str, Config], resume: bool, workers: int | None = None) -> dict[str, Path]:
-    """Train every config, ``workers`` processes at once (default: one per config, as many as there are CPU
-    cores), each on its share of the cores; ``{label: run_dir}``. The tiny model's steps keep one core busy,
-    not two, so two runs side by side take the time of one."""
-    jobs = {label: (config, resume, position) for position, (label, config) in enumerate(configs.items())}
-    return side_by_side(_train_in_process, jobs, workers)
+Job = tuple[Callable, tuple]
 
 
-def side_by_side(fn, jobs: dict[str, tuple], workers: int | None = None, desc: str | None = None) -> dict:
-    """``{label: fn(*args, threads)}`` for every ``label: args`` of ``jobs``, ``workers`` spawned processes at once
-    (default: one per job, as many as there are CPU cores), each given ``threads`` = its share of the cores;
-    ``desc`` names a progress bar of finished jobs (none when the jobs draw their own)."""
+def side_by_side(
+    jobs: dict[Hashable, Job],
+    workers: int | None = None,
+    then: Callable[[Hashable, object], dict[Hashable, Job]] | None = None,
+    on_done: Callable[[Hashable], None] | None = None,
+) -> dict:
+    """``{key: fn(*args, threads)}`` for every ``key: (fn, args)`` of ``jobs`` and of the jobs that ``then(key,
+    result)`` returns as each job finishes (queued behind those waiting). ``workers`` spawned processes run them
+    (default: one per initial job, as many as there are CPU cores), each job given ``threads`` = its process's
+    share of the cores; with one worker they run here, in order. ``on_done(key)`` follows each finished job."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = min(len(jobs), cores) if workers is None else workers
-    if workers <= 1:
-        items = tqdm(jobs.items(), desc=desc, disable=desc is None)
-        return {label: fn(*args, torch.get_num_threads()) for label, args in items}
-    bar = tqdm(total=len(jobs), desc=desc, disable=desc is None)
     # spawn: a forked child would inherit the parent's torch thread pool and locks
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool, bar:
-        futures = {label: pool.submit(fn, *args, max(1, cores // workers)) for label, args in jobs.items()}
-        for _ in as_completed(futures.values()):
-            bar.update()
-        return {label: future.result() for label, future in futures.items()}
+    pool = (
+        _InProcess() if workers <= 1 else ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    )
+    threads = torch.get_num_threads() if workers <= 1 else max(1, cores // workers)
+    results: dict = {}
+    with pool:
+        pending = {pool.submit(fn, *args, threads): key for key, (fn, args) in jobs.items()}
+        try:
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    key = pending.pop(future)
+                    results[key] = future.result()
+                    for new_key, (fn, args) in (then(key, results[key]) if then else {}).items():
+                        pending[pool.submit(fn, *args, threads)] = new_key
+                    if on_done:
+                        on_done(key)
+        finally:  # a failed job: the queued ones would only delay its error
+            for future in pending:
+                future.cancel()
+    return {key: results[key] for key in [*jobs, *(k for k in results if k not in jobs)]}
+
+
+class _InProcess:
+    """An executor that runs each job when it is submitted (one worker: no process to spawn)."""
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as error:  # re-raised by future.result(), as a pool's worker would
+            future.set_exception(error)
+        return future
+
+    def __enter__(self) -> _InProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
 
 
 def _train_in_process(config: Config, resume: bool, position: int, threads: int) -> Path:
@@ -87,9 +152,15 @@ def _train_in_process(config: Config, resume: bool, position: int, threads: int)
 
 
 def _measure_in_process(config: Config, lora: Path | None, prompt_sets: dict[str, list[str]], threads: int) -> dict:
+    import diffusers
+    import transformers
+
     from comfy_pec.encoders import load_encoder
 
     torch.set_num_threads(threads)
+    # A measurement loads the model once per chunk: its loading bars would bury the evaluation's bar.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     encoder = load_encoder(config.pec.encoder, path=config.pec.encoder_path)
     return measure(config.model.path, lora, prompt_sets, EVAL_SEEDS, encoder, build_reward(config.rewards))
 
@@ -119,20 +190,41 @@ def evaluation_sets(config: Config, training: int | None = None, heldout: int | 
 #: the fixed seeds of that measurement (16 samples per prompt); the grid shows the first GRID_SEEDS of them
 EVAL_SEEDS = list(range(1000, 1016))
 GRID_SEEDS = 8
+#: prompts per measurement job: the toy sets' 30 + 6 prompts make six equal jobs per model, few enough to load the
+#: model seldom and small enough that the last ones leave a core idle only briefly
+CHUNK_PROMPTS = 6
+
+
+def measurement_chunks(prompt_sets: dict[str, list[str]], size: int = CHUNK_PROMPTS) -> list[dict[str, list[str]]]:
+    """``prompt_sets`` cut, in order, into jobs of at most ``size`` prompts of one set each: ``[{set: prompts}]``."""
+    return [
+        {name: prompts[i : i + size]} for name, prompts in prompt_sets.items() for i in range(0, len(prompts), size)
+    ]
+
+
+def merge_measurements(parts: list[dict[str, dict]], chunks: list[dict[str, list[str]]]) -> dict[str, dict]:
+    """:func:`measure` of the whole prompt sets from its results on ``chunks`` (:func:`measurement_chunks`): the
+    images in order, every mean (reward, per-prompt Vendi) weighted by its chunk's number of prompts."""
+    pieces: dict[str, list[tuple[dict, int]]] = {}
+    for part, chunk in zip(parts, chunks):
+        for name, result in part.items():
+            pieces.setdefault(name, []).append((result, len(chunk[name])))
+    merged = {}
+    for name, results in pieces.items():
+        total = sum(n for _, n in results)
+        merged[name] = {"images": torch.cat([r["images"] for r, _ in results])}
+        merged[name].update(
+            {key: sum(r[key] * n for r, n in results) / total for key in results[0][0] if key != "images"}
+        )
+    return merged
 
 
 @torch.no_grad()
 def write_demo_report(
-    folder: Path, configs: dict[str, Config], runs: dict[str, Path], workers: int | None = None
+    folder: Path, first: Config, runs: dict[str, Path], prompt_sets: dict[str, list[str]], results: dict[str, dict]
 ) -> Path:
-    """The side-by-side report of finished runs ``{label: run_dir}`` in ``folder`` (the models measured
-    ``workers`` at a time, as :func:`side_by_side`)."""
-    first = next(iter(configs.values()))
-    prompt_sets = evaluation_sets(first)
-    models = {"base model": None, **{k: v / "lora.safetensors" for k, v in runs.items()}}
-    jobs = {label: (first, lora, prompt_sets) for label, lora in models.items()}
-    results = side_by_side(_measure_in_process, jobs, workers, desc="evaluate")
-
+    """The side-by-side report of finished runs ``{label: run_dir}`` (trained with configs like ``first``) in
+    ``folder``, from the measurements ``{model: {set: measure's result}}`` of the base model and each run."""
     # Rows: for each held-out prompt shown, base / Flow-GRPO / PEC at the same seeds.
     shown, seeds = prompt_sets["held-out"][: first.report.grid_prompts], GRID_SEEDS
     per_prompt = [

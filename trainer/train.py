@@ -122,7 +122,9 @@ def train(
         row.update(prompt_ids=draw.prompt_ids, processes=parallel.world, **upd, **clock.times, time_total=clock.total)
         if log is not None:
             log.write(row)
-        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", vendi=f"{row.get('vendi', float('nan')):.2f}")
+        bar.set_postfix(
+            reward=f"{row['reward_mean']:.3f}", **({"vendi": f"{row['vendi']:.2f}"} if "vendi" in row else {})
+        )
 
         if nan_streak >= t.nan_patience:
             folder = run.checkpoint(it)
