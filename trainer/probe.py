@@ -61,7 +61,7 @@ def run_probe(
     per_prompt = len(probe.seeds)
     prompts = [p for p in probe.prompts for _ in probe.seeds]
     seeds = torch.tensor([s for _ in probe.prompts for s in probe.seeds])
-    mask = torch.zeros(len(settings.sigmas) - 1, dtype=torch.bool)
+    mask = torch.zeros(settings.num_steps, dtype=torch.bool)
     mask[probe.steps] = True
     ro = rollout(backend, prompts, seeds, Schedule(settings.sigmas, mask, settings.noise_level), settings)
     stats = perceive(backend, encoder, ro, settings.sigmas, settings.guidance, decode, chunk_size, settings.batch_size)

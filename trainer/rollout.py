@@ -31,6 +31,11 @@ class RolloutSettings:
     sigmas: torch.Tensor  # the run's schedule [S + 1]
     noise_level: float
 
+    @property
+    def num_steps(self) -> int:
+        """``S``, the sampling steps of the run's schedule."""
+        return len(self.sigmas) - 1
+
 
 @dataclass
 class Schedule:

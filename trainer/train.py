@@ -205,7 +205,7 @@ def set_up(config: Config, backend: Backend | None, resume: bool, progress: bool
         decode=pec.decode,
         energy_draw=pec.energy_draw,
         chunk_size=pec.chunk_size,
-        probe=make_probe(config, eval_prompts, len(settings.sigmas) - 1),
+        probe=make_probe(config, eval_prompts, settings.num_steps),
     )
     return setup, run
 

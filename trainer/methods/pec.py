@@ -154,7 +154,7 @@ class PEC(Method):
         samples of its group's prompt by the current policy (the one that drew the rollout), from independent
         starts drawn anew each iteration: the population the evaluation's Vendi measures, which the group's
         shared start cannot show."""
-        k, steps = self.population, len(self._run.settings.sigmas) - 1
+        k, steps = self.population, self._run.settings.num_steps
         gen = iteration_rng(self._run.seed, -(1 << 20) - self._iteration)  # a stream of its own, replayed on resume
         ids = inputs.prompt_ids
         seeds = torch.randint(2**31, (len(ids) * k,), generator=gen).tolist()
@@ -176,7 +176,7 @@ class PEC(Method):
         seeds = (starts[:, 0] if per_group else starts.reshape(-1)).tolist()
         prompts = [run.prompts[i] for i in inputs.prompt_ids for _ in range(1 if per_group else g)]
         with lora_disabled(run.backend):
-            anchors = self._policy_features(prompts, seeds, len(run.settings.sigmas) - 1)
+            anchors = self._policy_features(prompts, seeds, run.settings.num_steps)
         if per_group:
             anchors = anchors.repeat_interleave(g, dim=0)
         bonus = perceptual_anchor(inputs.features.cpu(), anchors)
@@ -192,7 +192,7 @@ class PEC(Method):
         seeds = torch.randint(2**31, (k,), generator=iteration_rng(run.seed, -2)).tolist()
         with lora_disabled(run.backend):
             features = self._policy_features(
-                [p for p in run.prompts for _ in range(k)], seeds * len(run.prompts), len(run.settings.sigmas) - 1
+                [p for p in run.prompts for _ in range(k)], seeds * len(run.prompts), run.settings.num_steps
             )
         return vendi_score(features.reshape(len(run.prompts), k, -1))
 
